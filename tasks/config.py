@@ -1,0 +1,170 @@
+"""Typed configuration: `params.yaml` is read here and only here.
+
+Every section is a pydantic model that forbids unknown keys, so a typo in
+`params.yaml` fails loudly with the dotted key that is wrong.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tasks.errors import CwtopsError
+
+DEFAULT_PARAMS = Path("params.yaml")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseConfig(Section):
+    seed: int = 42
+    model_name: str = Field("cwtops", pattern=NAME_PATTERN)
+    raw_dir: Path = Path("data/raw")
+    weights: Path = Path("my.txt")
+    artifacts_dir: Path = Path("artifacts")
+    results_dir: Path = Path("results")
+
+
+class ParseConfig(Section):
+    magnitude: Literal["abs", "square", "none"] = "abs"
+    hop: int = Field(8, ge=1, le=64)
+
+
+class BalanceConfig(Section):
+    cap_factor: float = Field(3.0, gt=0)
+    samples_per_class: int | None = Field(None, ge=1)
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0, lt=0.5)
+
+
+class TrainConfig(Section):
+    epochs: int = Field(30, ge=1, le=10_000)
+    batch_size: int = Field(32, ge=1, le=4096)
+    lr: float = Field(3e-3, gt=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    label_smoothing: float = Field(0.05, ge=0, lt=1)
+    patience: int = Field(8, ge=1)
+    channels: tuple[int, int, int, int] = (16, 32, 48, 64)
+    hidden: int = Field(64, ge=1)
+    dropout: float = Field(0.2, ge=0, lt=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    num_workers: int = Field(0, ge=0)
+    threads: int = Field(0, ge=0)
+
+    @field_validator("channels")
+    @classmethod
+    def _positive(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(c < 1 for c in value):
+            raise ValueError("every channel width must be at least 1")
+        return value
+
+
+class EvaluateConfig(Section):
+    report_digits: int = Field(4, ge=1, le=10)
+
+
+class ExportConfig(Section):
+    opset: int = Field(18, ge=17, le=23)
+    dynamic_length: bool = False
+
+
+class ParityConfig(Section):
+    atol: float = Field(1e-4, gt=0)
+    rtol: float = Field(1e-3, gt=0)
+    batch_sizes: tuple[int, ...] = (1, 7, 64)
+    random_signals: int = Field(64, ge=1)
+
+
+class MlflowConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(5000, ge=1, le=65535)
+    experiment: str = "cwtops"
+    backend_store: str = "sqlite:///mlflow/mlflow.db"
+    artifacts_destination: str = "mlflow/artifacts"
+
+
+class TritonConfig(Section):
+    host: str = "127.0.0.1"
+    http_port: int = Field(8000, ge=1, le=65535)
+    grpc_port: int = Field(8001, ge=1, le=65535)
+    metrics_port: int = Field(8002, ge=1, le=65535)
+    model_repository: str = "model_repository"
+    max_batch_size: int = Field(64, ge=1, le=4096)
+    preferred_batch_sizes: tuple[int, ...] = (8, 16, 32)
+    max_queue_delay_us: int = Field(2000, ge=0)
+    instance_count: int = Field(1, ge=1, le=64)
+    instance_kind: Literal["KIND_CPU", "KIND_GPU"] = "KIND_CPU"
+    intra_op_threads: int = Field(1, ge=0)
+
+
+class RolloutConfig(Section):
+    promotion: Literal["manual", "auto"] = "manual"
+    metric: Literal["accuracy", "balanced_accuracy", "macro_f1"] = "macro_f1"
+    margin: float = Field(0.0, ge=0)
+    retrain_cron: str = "0 2 * * *"
+    reconcile_seconds: int = Field(60, ge=5)
+    webhook_host: str = "127.0.0.1"
+    webhook_port: int = Field(8787, ge=1, le=65535)
+
+
+class Params(Section):
+    base: BaseConfig = BaseConfig()
+    parse: ParseConfig = ParseConfig()
+    balance: BalanceConfig = BalanceConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    export: ExportConfig = ExportConfig()
+    parity: ParityConfig = ParityConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    triton: TritonConfig = TritonConfig()
+    rollout: RolloutConfig = RolloutConfig()
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}' (remove it or check its spelling)")
+        else:
+            lines.append(f"'{key}': {item['msg']} (got {item.get('input')!r})")
+    return "; ".join(lines)
+
+
+def params_from_dict(raw: dict, source: str = "<dict>") -> Params:
+    """Validate a parsed params mapping; errors name the dotted key."""
+    if not isinstance(raw, dict):
+        raise CwtopsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        allowed = ", ".join(Params.model_fields)
+        raise CwtopsError(f"{source}: invalid params: {_describe(error)}. Sections: {allowed}.") from None
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
+    """Read and validate `params.yaml` (safe_load only)."""
+    path = Path(path)
+    if not path.exists():
+        raise CwtopsError(f"{path}: params file not found; run from the project root or pass --params")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise CwtopsError(f"{path}: not valid YAML: {error}") from None
+    return params_from_dict(raw, str(path))
+
+
+def flatten(params: Params) -> dict[str, str]:
+    """`section.key -> value` strings, the form MLflow params and DVC's params_show use."""
+    flat: dict[str, str] = {}
+    for section, values in params.model_dump(mode="json").items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = str(value)
+    return flat
