@@ -61,8 +61,12 @@ class ArtifactPaths:
         return self.evaluate_dir / "metrics.json"
 
     @property
-    def confusion_csv(self) -> Path:  # actual,predicted,percent: a dvc confusion plot
-        return self.evaluate_dir / "confusion.csv"
+    def confusion_json(self) -> Path:  # {"labels": [...], "percent": [[...]], "counts": [[...]]}
+        return self.evaluate_dir / "confusion.json"
+
+    @property
+    def predictions_csv(self) -> Path:  # actual,predicted per test sample: dvc's confusion plot
+        return self.evaluate_dir / "predictions.csv"
 
     @property
     def confusion_png(self) -> Path:

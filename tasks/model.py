@@ -1,0 +1,284 @@
+"""The hybrid CWT-CNN: a frozen wavelet filter bank in front of a small trainable CNN.
+
+Shapes (defaults: S = 112 filters, L = 2048 samples, hop = 8, so T = 256 time steps):
+
+    signal      (B, 1, L)
+    scalogram   (B, S, T)      frozen front-end, |x * psi_s| sampled every `hop` samples
+    head        conv1..conv4   2-D over (S, T), each conv3x3 + BatchNorm + ReLU + 2x2 max-pool
+                               -> (B, c4, S/16, T/16) -> mean over time -> (B, c4 * S/16)
+                fc1, fc2       -> logits (B, C)
+
+Cost per signal with the defaults (channels 8, 16, 32, 32; hidden 64; S 112; L 2048):
+front-end 2 * S * K * T = 14.7 MFLOP (K = 257 taps, one strided convolution);
+head conv1 4.1 + conv2 16.5 + conv2 16.5 + conv4 8.3 = 45.5 MFLOP forward, about 3x that to
+train. The front-end is frozen, so training computes scalograms once and feeds the head from
+memory: an epoch costs only the head (`head_flops` counts it for any configuration).
+
+The front-end holds the filter bank as buffers, never as parameters, so no optimizer can see it.
+It runs one of two exact-equivalent paths: a single strided convolution (the path exported to
+ONNX, where ONNX Runtime's Conv is much faster than its DFT) or an FFT product (PyTorch only,
+where it is faster for long signals). Both equal the original one-Conv1d-per-scale
+implementation (padding='same') decimated by `hop`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tasks.errors import CwtopsError
+
+CHECKPOINT_FORMAT = "cwtops-checkpoint/1"
+Magnitude = Literal["abs", "square", "none"]
+Method = Literal["auto", "conv", "fft"]
+
+
+def filter_bank_sha256(matrix: np.ndarray, lengths: np.ndarray) -> str:
+    """Hash of a padded filter bank: the identity the checkpoint, ONNX and registry carry."""
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(matrix, dtype=np.float32).tobytes())
+    digest.update(np.ascontiguousarray(lengths, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def _apply_magnitude(response: torch.Tensor, magnitude: Magnitude) -> torch.Tensor:
+    if magnitude == "abs":
+        return response.abs()
+    if magnitude == "square":
+        return response.square()
+    return response
+
+
+class CWTFrontEnd(nn.Module):
+    """Frozen filter bank: (B, 1, L) -> (B, S, ceil(L / hop)), every scale in one operation."""
+
+    def __init__(
+        self,
+        bank: torch.Tensor,
+        hop: int = 8,
+        magnitude: Magnitude = "abs",
+        method: Method = "auto",
+    ) -> None:
+        super().__init__()
+        if bank.ndim != 2 or bank.shape[1] % 2 != 1:
+            raise CwtopsError(f"filter bank must be [S, K] with odd K, got {tuple(bank.shape)}")
+        # Buffers, not parameters: saved with the model, invisible to optimizers.
+        self.register_buffer("filter_bank", bank.detach().float().unsqueeze(1).contiguous())  # (S, 1, K)
+        self.hop = hop
+        self.magnitude: Magnitude = magnitude
+        self.method: Method = method
+        self._spectra: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+
+    @property
+    def n_filters(self) -> int:
+        return self.filter_bank.shape[0]
+
+    @property
+    def kernel_size(self) -> int:
+        return self.filter_bank.shape[-1]
+
+    def output_length(self, signal_length: int) -> int:
+        return -(-signal_length // self.hop)
+
+    def _use_fft(self, signal_length: int) -> bool:
+        if self.method != "auto":
+            return self.method == "fft"
+        # Tracing for ONNX always takes the convolution (ORT's DFT is slow).
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return False
+        # The strided convolution computes only the T outputs the head reads; the FFT computes
+        # all L of them. Measured on CPU (bench/bench_frontend.py) the FFT wins once the
+        # decimation is small relative to the kernel.
+        return self.hop * 16 <= self.kernel_size
+
+    def forward(self, signal: torch.Tensor) -> torch.Tensor:
+        if self._use_fft(signal.shape[-1]):
+            response = self._fft_response(signal)
+        else:
+            response = self._conv_response(signal)
+        return _apply_magnitude(response, self.magnitude)
+
+    def _conv_response(self, signal: torch.Tensor) -> torch.Tensor:
+        weight = self.filter_bank.to(signal.dtype)
+        return F.conv1d(signal, weight, stride=self.hop, padding=(self.kernel_size - 1) // 2)
+
+    def _fft_response(self, signal: torch.Tensor) -> torch.Tensor:
+        length = signal.shape[-1]
+        pad = (self.kernel_size - 1) // 2
+        n_fft = _fast_size(length + self.kernel_size - 1)
+        spectrum = self._filter_spectrum(n_fft, signal.device, signal.dtype)  # (S, F)
+        signal_spectrum = torch.fft.rfft(signal.float(), n=n_fft)  # (B, 1, F)
+        full = torch.fft.irfft(signal_spectrum * spectrum, n=n_fft)  # (B, S, n_fft)
+        # Cross-correlation (what conv1d computes) of the zero-padded signal, 'same' alignment.
+        return full[..., pad : pad + length : self.hop].to(signal.dtype)
+
+    def _filter_spectrum(self, n_fft: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (n_fft, device, dtype)
+        if key not in self._spectra:
+            # conv1d is a correlation: correlate = convolve with the time-reversed filter,
+            # shifted so output index 0 lines up with padding (K-1)//2.
+            reversed_bank = self.filter_bank[:, 0, :].flip(-1).float()
+            self._spectra = {key: torch.fft.rfft(reversed_bank, n=n_fft)}
+        return self._spectra[key]
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module signature
+        self._spectra = {}  # cached spectra follow the buffers to the new device / dtype
+        return super()._apply(fn, recurse)
+
+
+def _fast_size(n: int) -> int:
+    """Smallest 2^a * 3^b >= n: sizes pocketfft handles fastest."""
+    best = 1 << (n - 1).bit_length()
+    power3 = 1
+    while power3 < best:
+        size = power3
+        while size < n:
+            size *= 2
+        best = min(best, size)
+        power3 *= 3
+    return best
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Everything needed to rebuild the network: travels inside every checkpoint."""
+
+    n_filters: int
+    kernel_size: int
+    n_classes: int
+    signal_length: int
+    hop: int = 8
+    magnitude: Magnitude = "abs"
+    channels: tuple[int, int, int, int] = (8, 16, 32, 32)
+    hidden: int = 64
+    dropout: float = 0.2
+    extra: dict = field(default_factory=dict)
+
+
+def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+    )
+
+
+class HybridCWTNet(nn.Module):
+    """Frozen CWT front-end + trainable head (conv1..conv4, fc1, fc2)."""
+
+    def __init__(self, args: ModelArgs, bank: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if bank is None:  # rebuilt from a checkpoint: the state dict brings the real filters
+            bank = torch.zeros(args.n_filters, args.kernel_size)
+        self.args = args
+        self.frontend = CWTFrontEnd(bank, hop=args.hop, magnitude=args.magnitude)
+        c1, c2, c3, c4 = args.channels
+        self.input_norm = nn.BatchNorm2d(1)
+        self.conv1 = _conv_block(1, c1)
+        self.conv2 = _conv_block(c1, c2)
+        self.conv3 = _conv_block(c2, c3)
+        self.conv4 = _conv_block(c3, c4)
+        freq_bins = args.n_filters // 16
+        if freq_bins < 1 or self.frontend.output_length(args.signal_length) < 16:
+            raise CwtopsError(
+                f"the head pools 16x in scales and time: need at least 16 filters and "
+                f"{16 * args.hop} samples per signal, got {args.n_filters} filters, "
+                f"{args.signal_length} samples (lower parse.hop or use longer signals)"
+            )
+        self.fc1 = nn.Linear(c4 * freq_bins, args.hidden)
+        self.dropout = nn.Dropout(args.dropout)
+        self.fc2 = nn.Linear(args.hidden, args.n_classes)
+
+    def scalogram(self, signal: torch.Tensor) -> torch.Tensor:
+        """(B, 1, L) -> (B, S, T): standardised signal through the frozen filter bank."""
+        centred = signal - signal.mean(dim=-1, keepdim=True)
+        scale = centred.square().mean(dim=-1, keepdim=True).add(1e-8).sqrt()
+        return self.frontend(centred / scale)
+
+    def head(self, scalogram: torch.Tensor) -> torch.Tensor:
+        """(B, S, T) -> logits (B, C)."""
+        x = torch.log1p(scalogram).unsqueeze(1)  # (B, 1, S, T)
+        x = self.input_norm(x)
+        x = self.conv4(self.conv3(self.conv2(self.conv1(x))))  # (B, c4, S/16, T/16)
+        x = x.mean(dim=-1).flatten(1)  # (B, c4 * S/16)
+        x = self.dropout(F.relu(self.fc1(x)))
+        return self.fc2(x)
+
+    def forward(self, signal: torch.Tensor) -> torch.Tensor:
+        return self.head(self.scalogram(signal))
+
+
+def head_flops(args: ModelArgs) -> dict[str, int]:
+    """Multiply-accumulates x2 per signal for each layer (forward pass)."""
+    height, width = args.n_filters, -(-args.signal_length // args.hop)
+    flops = {"frontend": 2 * args.n_filters * args.kernel_size * width}
+    in_channels = 1
+    for index, out_channels in enumerate(args.channels, start=1):
+        flops[f"conv{index}"] = 2 * height * width * in_channels * out_channels * 9
+        height, width, in_channels = height // 2, width // 2, out_channels
+    flops["fc1"] = 2 * in_channels * (args.n_filters // 16) * args.hidden
+    flops["fc2"] = 2 * args.hidden * args.n_classes
+    return flops
+
+
+def build_model(args: ModelArgs, bank: torch.Tensor) -> HybridCWTNet:
+    return HybridCWTNet(args, bank)
+
+
+def trainable_parameters(model: HybridCWTNet) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def checkpoint_dict(
+    model: HybridCWTNet,
+    class_names: list[str],
+    bank_sha256: str,
+    params: dict,
+    **extra: object,
+) -> dict:
+    """A checkpoint that describes itself: rebuildable with no code-side configuration."""
+    args = asdict(model.args)
+    args["channels"] = list(args["channels"])
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model_args": args,
+        "class_names": list(class_names),
+        "filter_bank_sha256": bank_sha256,
+        "params": params,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        **extra,
+    }
+
+
+def model_from_checkpoint(checkpoint: dict, source: str = "<checkpoint>") -> HybridCWTNet:
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise CwtopsError(
+            f"{source}: not a cwtops checkpoint (format {checkpoint.get('format')!r}, "
+            f"expected {CHECKPOINT_FORMAT!r}); re-run the train stage"
+        )
+    raw_args = dict(checkpoint["model_args"])
+    raw_args["channels"] = tuple(raw_args["channels"])
+    model = HybridCWTNet(ModelArgs(**raw_args))
+    model.load_state_dict(checkpoint["state_dict"])
+    model.eval()
+    return model
+
+
+def load_checkpoint(path: Path | str, map_location: str = "cpu") -> tuple[HybridCWTNet, dict]:
+    """Rebuild the model from a checkpoint file alone (weights_only: no pickled code runs)."""
+    path = Path(path)
+    if not path.exists():
+        raise CwtopsError(f"{path}: checkpoint not found; run `cwtops stage train` (or `dvc repro train`)")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises several types for corrupt files
+        raise CwtopsError(f"{path}: cannot read checkpoint ({error}); delete it and re-run training") from None
+    return model_from_checkpoint(checkpoint, str(path)), checkpoint

@@ -1,0 +1,141 @@
+"""Stage `parity`: PyTorch against ONNX Runtime, on the real test signals and on random ones.
+
+Every case (test signals and random signals at each batch size) reports the max absolute and
+relative logit error and the argmax agreement. Beyond `parity.atol`/`parity.rtol`, or with any
+argmax disagreement on real signals, the stage fails with the report saying where. The reference
+inputs and outputs are saved: the registry and the served model are checked against them later.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pandas as pd
+
+from tasks.config import Params, ParityConfig
+from tasks.data import load_signals
+from tasks.errors import CwtopsError
+from tasks.evaluate import predict_logits
+from tasks.export import INPUT_NAME, OUTPUT_NAME, read_metadata
+from tasks.io import atomic_path, sha256_file, write_json
+from tasks.model import HybridCWTNet, load_checkpoint
+from tasks.paths import artifact_paths
+
+REFERENCE_SIGNALS = 64  # rows of real test signals saved as the served-model reference
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    passed: bool
+    max_abs_error: float
+    max_rel_error: float
+    argmax_agreement: float
+    report: Path
+
+
+def compare(
+    reference: np.ndarray, candidate: np.ndarray, cfg: ParityConfig, require_argmax: bool = True
+) -> dict[str, float | bool]:
+    """Error figures of `candidate` logits against `reference` logits (both [N, C]).
+
+    Random signals can produce near-ties between classes, where an error far inside the
+    tolerance flips the argmax; argmax agreement is required on real signals only.
+    """
+    abs_error = np.abs(candidate.astype(np.float64) - reference)
+    rel_error = abs_error / np.maximum(np.abs(reference), 1.0)  # relative where logits are large
+    agreement = float(np.mean(candidate.argmax(1) == reference.argmax(1))) if len(reference) else 1.0
+    max_abs = float(abs_error.max(initial=0.0))
+    max_rel = float(rel_error.max(initial=0.0))
+    return {
+        "max_abs_error": max_abs,
+        "max_rel_error": max_rel,
+        "argmax_agreement": agreement,
+        "passed": bool(max_abs <= cfg.atol and max_rel <= cfg.rtol and (agreement == 1.0 or not require_argmax)),
+    }
+
+
+def onnx_session(path: Path | str, threads: int = 0) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=ort.get_available_providers())
+
+
+def run_onnx(session: ort.InferenceSession, signals: np.ndarray) -> np.ndarray:
+    """[N, L] or [N, 1, L] signals -> [N, C] logits."""
+    batch = signals.reshape(len(signals), 1, -1).astype(np.float32)
+    return session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+
+
+def _cases(test_signals: np.ndarray, cfg: ParityConfig, length: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    cases = {f"test[{size}]": test_signals[:size] for size in cfg.batch_sizes if size <= len(test_signals)}
+    cases["test[all]"] = test_signals
+    for size in cfg.batch_sizes:
+        cases[f"random[{size}]"] = rng.standard_normal((size, length)).astype(np.float32)
+    cases["random[many]"] = rng.standard_normal((cfg.random_signals, length)).astype(np.float32) * 5
+    return cases
+
+
+def check_cases(
+    model: HybridCWTNet, session: ort.InferenceSession, cases: dict[str, np.ndarray], cfg: ParityConfig
+) -> list[dict]:
+    results = []
+    for name, signals in cases.items():
+        real = name.startswith("test")
+        figures = compare(predict_logits(model, signals), run_onnx(session, signals), cfg, require_argmax=real)
+        results.append({"name": name, "batch_size": int(len(signals)), **figures})
+    return results
+
+
+def run(params: Params) -> ParityResult:
+    """Compare PyTorch and ONNX Runtime; write the report and the reference; fail beyond tolerance."""
+    paths, cfg = artifact_paths(params), params.parity
+    model, checkpoint = load_checkpoint(paths.model)
+    metadata = read_metadata(paths.onnx)
+    if metadata.get("filter_bank_sha256") != checkpoint["filter_bank_sha256"]:
+        mismatch = f"ONNX {metadata.get('filter_bank_sha256')} vs checkpoint {checkpoint['filter_bank_sha256']}"
+    else:
+        mismatch = ""
+    manifest = pd.read_csv(paths.split_manifest)
+    test_signals = load_signals(manifest[manifest.split == "test"], Path(params.base.raw_dir))
+    session = onnx_session(paths.onnx)
+    cases = check_cases(model, session, _cases(test_signals, cfg, test_signals.shape[1], params.base.seed), cfg)
+    report = _report(cases, cfg, sha256_file(paths.onnx), mismatch)
+    reference = test_signals[:REFERENCE_SIGNALS][:, None, :]
+    with atomic_path(paths.reference) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, inputs=reference, outputs=predict_logits(model, reference[:, 0, :]))
+    write_json(paths.parity_report, report)
+    if not report["passed"]:
+        raise CwtopsError(f"parity failed ({paths.parity_report}): {report['failure']}")
+    return ParityResult(True, report["max_abs_error"], report["max_rel_error"], report["argmax_agreement"], paths.parity_report)
+
+
+def _report(cases: list[dict], cfg: ParityConfig, onnx_sha: str, bank_mismatch: str) -> dict:
+    failed = [case for case in cases if not case["passed"]]
+    reasons = [
+        f"{case['name']}: max abs {case['max_abs_error']:.3g} (atol {cfg.atol}), max rel "
+        f"{case['max_rel_error']:.3g} (rtol {cfg.rtol}), argmax agreement {case['argmax_agreement']:.4f}"
+        for case in failed
+    ]
+    if bank_mismatch:
+        reasons.insert(0, f"filter bank differs: {bank_mismatch}")
+    return {
+        "passed": not reasons,
+        "failure": "; ".join(reasons),
+        "atol": cfg.atol,
+        "rtol": cfg.rtol,
+        "max_abs_error": max(case["max_abs_error"] for case in cases),
+        "max_rel_error": max(case["max_rel_error"] for case in cases),
+        "argmax_agreement": min(case["argmax_agreement"] for case in cases if case["name"].startswith("test")),
+        "cases": cases,
+        "onnx_sha256": onnx_sha,
+    }
+
+
+def load_report(path: Path | str) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,71 @@
+"""Stage `parse`: the weight file becomes a filter-bank tensor; the raw folder becomes a manifest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tasks.config import Params
+from tasks.data import scan_raw
+from tasks.errors import CwtopsError
+from tasks.io import atomic_path, write_json
+from tasks.model import filter_bank_sha256
+from tasks.paths import artifact_paths
+from tasks.weights import parse_weight_file
+
+
+@dataclass(frozen=True)
+class ParseResult:
+    n_filters: int
+    kernel_size: int
+    filter_bank_sha256: str
+    n_samples: int
+    classes: tuple[str, ...]
+
+
+def save_filter_bank(path: Path, matrix: np.ndarray, lengths: np.ndarray, names: list[str]) -> None:
+    """Tensors and strings only, so it loads with `weights_only=True`."""
+    payload = {
+        "matrix": torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float32)),
+        "lengths": torch.from_numpy(np.asarray(lengths, dtype=np.int64)),
+        "names": list(names),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_filter_bank(path: Path | str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """-> (matrix [S, K] float32, lengths [S] int64, layer names)."""
+    path = Path(path)
+    if not path.exists():
+        raise CwtopsError(f"{path}: filter bank not found; run `cwtops stage parse` (or `dvc repro parse`)")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    return payload["matrix"], payload["lengths"], list(payload["names"])
+
+
+def run(params: Params) -> ParseResult:
+    """Parse the weight file and scan the raw signals; write both artifacts atomically."""
+    paths = artifact_paths(params)
+    bank = parse_weight_file(params.base.weights)
+    matrix, lengths = bank.padded()
+    sha = filter_bank_sha256(matrix, lengths)
+    manifest = scan_raw(Path(params.base.raw_dir))
+
+    save_filter_bank(paths.filter_bank, matrix, lengths, list(bank.names))
+    write_json(
+        paths.filter_bank_summary,
+        {
+            "sha256": sha,
+            "source": str(params.base.weights),
+            "names": list(bank.names),
+            "lengths": [int(n) for n in lengths],
+            "kernel_size": int(matrix.shape[1]),
+        },
+    )
+    with atomic_path(paths.manifest) as tmp:
+        manifest.to_csv(tmp, index=False)
+    classes = tuple(sorted(manifest.loc[manifest.source_split == "train", "label"].unique()))
+    return ParseResult(int(matrix.shape[0]), int(matrix.shape[1]), sha, len(manifest), classes)

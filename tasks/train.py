@@ -1,0 +1,350 @@
+"""Stage `train`: fit the head on frozen scalograms, keep the best epoch by validation macro-F1.
+
+AdamW + OneCycleLR + label smoothing, early stopping, seeded, resumable from the last epoch.
+The front-end is frozen, so scalograms are computed once and the head trains from memory.
+On CUDA: bf16/fp16 autocast, TF32, cudnn.benchmark, channels_last, pinned host memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import accuracy_score, f1_score
+from torch import nn
+from tqdm import tqdm
+
+from tasks.config import Params, TrainConfig
+from tasks.data import load_signals
+from tasks.errors import CwtopsError
+from tasks.io import atomic_path, sha256_file, write_json
+from tasks.model import HybridCWTNet, ModelArgs, checkpoint_dict, trainable_parameters
+from tasks.parse import load_filter_bank
+from tasks.paths import ArtifactPaths, artifact_paths
+
+log = logging.getLogger(__name__)
+HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr", "seconds"]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    epochs_run: int
+    best_epoch: int
+    best_val_macro_f1: float
+    seconds: float
+    device: str
+    resumed_from: int
+    checkpoint: Path
+
+
+@dataclass
+class Split:
+    scalograms: torch.Tensor  # (N, S, T) on the training device
+    labels: torch.Tensor  # (N,)
+
+
+def select_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise CwtopsError("train.device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+    if cfg.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def configure_backend(cfg: TrainConfig, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    else:
+        torch.set_num_threads(cfg.threads or max(1, os.cpu_count() or 1))
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if not cfg.amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+@torch.no_grad()
+def compute_scalograms(
+    model: HybridCWTNet, signals: np.ndarray, device: torch.device, batch_size: int = 256
+) -> torch.Tensor:
+    """The frozen front-end, run once per signal: (N, L) -> (N, S, T) on `device`."""
+    model.eval()
+    chunks = []
+    for start in range(0, len(signals), batch_size):
+        batch = torch.from_numpy(signals[start : start + batch_size]).unsqueeze(1)
+        if device.type == "cuda":
+            batch = batch.pin_memory()
+        chunks.append(model.scalogram(batch.to(device, non_blocking=True)))
+    return torch.cat(chunks)
+
+
+def load_split(
+    model: HybridCWTNet, manifest: pd.DataFrame, split: str, raw_dir: Path, classes: list[str], device: torch.device
+) -> Split:
+    rows = manifest[manifest.split == split]
+    if rows.empty:
+        raise CwtopsError(f"split manifest has no '{split}' rows; check the balance stage's fractions")
+    signals = load_signals(rows, raw_dir)
+    index = {name: i for i, name in enumerate(classes)}
+    labels = torch.tensor([index[name] for name in rows.label], device=device)
+    return Split(compute_scalograms(model, signals, device), labels)
+
+
+def train_one_epoch(
+    model: HybridCWTNet,
+    data: Split,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loss_fn: nn.Module,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    amp_dtype: torch.dtype | None,
+    scaler: torch.amp.GradScaler,
+) -> float:
+    model.train()
+    order = torch.randperm(len(data.labels), generator=generator).to(data.labels.device)
+    total, seen = 0.0, 0
+    for start in range(0, len(order), cfg.batch_size):
+        picked = order[start : start + cfg.batch_size]
+        if len(picked) < 2:  # BatchNorm cannot train on a single sample
+            continue
+        with torch.autocast(data.labels.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            loss = loss_fn(model.head(data.scalograms[picked]), data.labels[picked])
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        total += loss.item() * len(picked)
+        seen += len(picked)
+    return total / max(seen, 1)
+
+
+@torch.no_grad()
+def evaluate_split(model: HybridCWTNet, data: Split, loss_fn: nn.Module, batch_size: int) -> dict[str, float]:
+    """Loss, accuracy and macro-F1 of the head on precomputed scalograms."""
+    model.eval()
+    logits = torch.cat(
+        [model.head(data.scalograms[i : i + batch_size]).float() for i in range(0, len(data.labels), batch_size)]
+    )
+    truth = data.labels.cpu().numpy()
+    predicted = logits.argmax(1).cpu().numpy()
+    return {
+        "val_loss": float(loss_fn(logits, data.labels).item()),
+        "val_accuracy": float(accuracy_score(truth, predicted)),
+        "val_macro_f1": float(f1_score(truth, predicted, average="macro", zero_division=0)),
+    }
+
+
+def _fingerprint(params: Params, paths: ArtifactPaths) -> str:
+    """What a resumable checkpoint must match: the data split, the filter bank, the train params."""
+    return "|".join(
+        [sha256_file(paths.split_manifest), sha256_file(paths.filter_bank), params.train.model_dump_json()]
+    )
+
+
+@dataclass
+class TrainState:
+    model: HybridCWTNet
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    history: list[dict]
+    best_state: dict
+    best_f1: float = -1.0
+    best_epoch: int = 0
+    stale_epochs: int = 0
+    next_epoch: int = 1
+
+
+def _save_resume_point(state: TrainState, path: Path, fingerprint: str) -> None:
+    payload = {
+        "fingerprint": fingerprint,
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "scaler": state.scaler.state_dict(),
+        "history": state.history,
+        "best_state": state.best_state,
+        "best_f1": state.best_f1,
+        "best_epoch": state.best_epoch,
+        "stale_epochs": state.stale_epochs,
+        "next_epoch": state.next_epoch,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def _try_resume(state: TrainState, path: Path, fingerprint: str) -> int:
+    """Continue an interrupted run when its checkpoint matches this configuration."""
+    if not path.exists():
+        return 0
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a resume point is a convenience: a corrupt one is set aside
+        log.warning("ignoring unreadable resume checkpoint %s (%s)", path, error)
+        return 0
+    if saved.get("fingerprint") != fingerprint:
+        log.info("resume checkpoint %s belongs to other data or params; starting afresh", path)
+        return 0
+    state.model.load_state_dict(saved["model"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    state.scaler.load_state_dict(saved["scaler"])
+    state.history, state.best_state = list(saved["history"]), saved["best_state"]
+    state.best_f1, state.best_epoch = float(saved["best_f1"]), int(saved["best_epoch"])
+    state.stale_epochs, state.next_epoch = int(saved["stale_epochs"]), int(saved["next_epoch"])
+    return state.next_epoch - 1
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    with atomic_path(path) as tmp:
+        pd.DataFrame(history, columns=HISTORY_COLUMNS).to_csv(tmp, index=False)
+
+
+def _build(params: Params, paths: ArtifactPaths, classes: list[str], signal_length: int, device: torch.device):
+    matrix, _, _ = load_filter_bank(paths.filter_bank)
+    cfg = params.train
+    args = ModelArgs(
+        n_filters=matrix.shape[0],
+        kernel_size=matrix.shape[1],
+        n_classes=len(classes),
+        signal_length=signal_length,
+        hop=params.parse.hop,
+        magnitude=params.parse.magnitude,
+        channels=cfg.channels,
+        hidden=cfg.hidden,
+        dropout=cfg.dropout,
+    )
+    torch.manual_seed(params.base.seed)
+    model = HybridCWTNet(args, matrix).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def run(params: Params) -> TrainResult:
+    """Train the head; write the best checkpoint, the per-epoch history and a summary."""
+    started = time.perf_counter()
+    cfg, paths = params.train, artifact_paths(params)
+    device = select_device(cfg)
+    configure_backend(cfg, device)
+    manifest = pd.read_csv(paths.split_manifest)
+    classes = sorted(manifest.loc[manifest.split == "train", "label"].unique())
+    raw_dir = Path(params.base.raw_dir)
+    signal_length = int(load_signals(manifest.head(1), raw_dir).shape[1])
+    model = _build(params, paths, classes, signal_length, device)
+    train, val = (load_split(model, manifest, name, raw_dir, classes, device) for name in ("train", "val"))
+
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * max(1, len(train.labels) // cfg.batch_size + 1)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=steps)
+    amp_dtype = autocast_dtype(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    state = TrainState(model, optimizer, scheduler, scaler, [], model.state_dict())
+    fingerprint = _fingerprint(params, paths)
+    resumed_from = _try_resume(state, paths.last_checkpoint, fingerprint)
+    if resumed_from:
+        log.info("resuming from epoch %d (%s)", resumed_from, paths.last_checkpoint)
+        print(f"resuming from epoch {resumed_from} ({paths.last_checkpoint})", flush=True)
+
+    _fit(state, train, val, params, paths, amp_dtype, fingerprint)
+    model.load_state_dict(state.best_state)
+    _write_outputs(state, params, paths, classes, device, started, resumed_from)
+    paths.last_checkpoint.unlink(missing_ok=True)  # finished: the next run starts afresh
+    return TrainResult(
+        epochs_run=len(state.history),
+        best_epoch=state.best_epoch,
+        best_val_macro_f1=state.best_f1,
+        seconds=time.perf_counter() - started,
+        device=str(device),
+        resumed_from=resumed_from,
+        checkpoint=paths.model,
+    )
+
+
+def _fit(
+    state: TrainState,
+    train: Split,
+    val: Split,
+    params: Params,
+    paths: ArtifactPaths,
+    amp_dtype: torch.dtype | None,
+    fingerprint: str,
+) -> None:
+    cfg = params.train
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    epochs = tqdm(range(state.next_epoch, cfg.epochs + 1), desc="train", unit="epoch", initial=state.next_epoch - 1, total=cfg.epochs)
+    for epoch in epochs:
+        if state.stale_epochs >= cfg.patience:
+            break
+        tick = time.perf_counter()
+        # Seeded per epoch, so a resumed run draws the same batches and dropout masks.
+        torch.manual_seed(params.base.seed + epoch)
+        generator = torch.Generator().manual_seed(params.base.seed + epoch)
+        train_loss = train_one_epoch(
+            state.model, train, state.optimizer, state.scheduler, loss_fn, cfg, generator, amp_dtype, state.scaler
+        )
+        row = {"epoch": epoch, "train_loss": train_loss, **evaluate_split(state.model, val, loss_fn, 256)}
+        row["lr"] = state.optimizer.param_groups[0]["lr"]
+        row["seconds"] = time.perf_counter() - tick
+        state.history.append(row)
+        if row["val_macro_f1"] > state.best_f1:
+            state.best_f1, state.best_epoch, state.stale_epochs = row["val_macro_f1"], epoch, 0
+            state.best_state = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
+        else:
+            state.stale_epochs += 1
+        state.next_epoch = epoch + 1
+        _write_history(paths.history, state.history)
+        _save_resume_point(state, paths.last_checkpoint, fingerprint)
+        epochs.set_postfix(loss=f"{train_loss:.3f}", val_f1=f"{row['val_macro_f1']:.3f}")
+
+
+def _write_outputs(
+    state: TrainState,
+    params: Params,
+    paths: ArtifactPaths,
+    classes: list[str],
+    device: torch.device,
+    started: float,
+    resumed_from: int,
+) -> None:
+    bank_sha = load_json_sha(paths)
+    model = state.model.to("cpu").to(memory_format=torch.contiguous_format)
+    checkpoint = checkpoint_dict(
+        model,
+        classes,
+        bank_sha,
+        params.model_dump(mode="json"),
+        epoch=state.best_epoch,
+        best_val_macro_f1=state.best_f1,
+    )
+    with atomic_path(paths.model) as tmp:
+        torch.save(checkpoint, tmp)
+    _write_history(paths.history, state.history)
+    write_json(
+        paths.train_summary,
+        {
+            "epochs_run": len(state.history),
+            "best_epoch": state.best_epoch,
+            "best_val_macro_f1": state.best_f1,
+            "seconds": time.perf_counter() - started,
+            "device": str(device),
+            "resumed_from": resumed_from,
+            "classes": classes,
+        },
+    )
+
+
+def load_json_sha(paths: ArtifactPaths) -> str:
+    return json.loads(paths.filter_bank_summary.read_text())["sha256"]
