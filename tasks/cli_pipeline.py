@@ -39,6 +39,41 @@ def init(params_path: Path = ParamsOption) -> None:
         typer.echo(line)
 
 
+def run(params_path: Path = ParamsOption) -> None:
+    """The main job: sample data and weights, MLflow, Triton, the training flow, a served prediction."""
+    from flows.main import main_job
+
+    main_job(str(params_path))
+
+
+def serve(
+    params_path: Path = ParamsOption,
+    webhook: bool = typer.Option(True, help="register the MLflow webhook and run its receiver"),
+) -> None:
+    """Long-running: Prefect deployments (nightly retraining, rollout reconciler) and the webhook receiver."""
+    from flows.main import prepare_environment
+    from flows.serve import serve as serve_all
+
+    prepare_environment()
+    serve_all(str(params_path), webhook=webhook)
+
+
+def rollout(
+    params_path: Path = ParamsOption,
+    retry: bool = typer.Option(False, "--retry", help="retry a version whose last rollout failed"),
+) -> None:
+    """One reconcile pass now: make Triton serve the version MLflow says is in production."""
+    from tasks.rollout import reconcile
+
+    outcome = reconcile(load_params(params_path), retry_failed=retry)
+    _print_result(outcome)
+    if outcome.action == "failed":
+        raise typer.Exit(1)
+
+
 def register(app: typer.Typer) -> None:
     app.command("stage")(stage)
     app.command("init")(init)
+    app.command("run")(run)
+    app.command("serve")(serve)
+    app.command("rollout")(rollout)

@@ -1,0 +1,64 @@
+"""ONNX Runtime against PyTorch eager on CPU: latency at batch 1, throughput at batch 64."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from bench.common import RESULTS_DIR, median_seconds, print_table, write_json
+from tasks.export import INPUT_NAME, OUTPUT_NAME, onnx_bytes
+from tasks.model import HybridCWTNet, ModelArgs
+from tasks.weights import generate_filter_bank
+
+TARGET = 2.0  # ONNX Runtime vs PyTorch eager, batch 1 latency
+
+
+def default_model(signal_length: int = 2048, n_classes: int = 5) -> HybridCWTNet:
+    """The default architecture on the default Morlet bank (speed does not depend on the weights)."""
+    bank, _ = generate_filter_bank()
+    matrix, _ = bank.padded()
+    args = ModelArgs(n_filters=matrix.shape[0], kernel_size=matrix.shape[1], n_classes=n_classes, signal_length=signal_length)
+    torch.manual_seed(0)
+    return HybridCWTNet(args, torch.from_numpy(matrix)).eval()
+
+
+def run(quick: bool = False) -> dict:
+    model = default_model()
+    length = model.args.signal_length
+    session = ort.InferenceSession(onnx_bytes(model, length, 18, dynamic_length=False), providers=["CPUExecutionProvider"])
+    repeats = 20 if quick else 100
+    rows = []
+    with torch.inference_mode():
+        for batch in (1, 64):
+            signal = np.random.default_rng(0).standard_normal((batch, 1, length)).astype(np.float32)
+            tensor = torch.from_numpy(signal)
+            n = repeats if batch == 1 else max(3, repeats // 10)
+            torch_s = median_seconds(lambda: model(tensor), repeats=n, warmup=3)
+            ort_s = median_seconds(lambda: session.run([OUTPUT_NAME], {INPUT_NAME: signal}), repeats=n, warmup=3)
+            rows.append({
+                "batch": batch,
+                "torch_ms": torch_s * 1e3,
+                "onnxruntime_ms": ort_s * 1e3,
+                "torch_sig_s": batch / torch_s,
+                "onnxruntime_sig_s": batch / ort_s,
+                "ratio": torch_s / ort_s,
+            })
+    holds = rows[0]["ratio"] >= TARGET
+    print_table(f"ONNX Runtime vs PyTorch eager, CPU, L {length} (target >= {TARGET}x at batch 1: {'holds' if holds else 'MISSED'})",
+                rows, ["batch", "torch_ms", "onnxruntime_ms", "torch_sig_s", "onnxruntime_sig_s", "ratio"])
+    return {"rows": rows, "target": TARGET, "holds": holds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", default=str(RESULTS_DIR / "onnx.json"))
+    args = parser.parse_args()
+    write_json(args.json, run(args.quick))
+
+
+if __name__ == "__main__":
+    main()

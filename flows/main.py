@@ -1,0 +1,64 @@
+"""`cwtops run`, the main job: sample data through to a prediction served by Triton."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from tasks.config import DEFAULT_PARAMS, load_params
+from tasks.paths import artifact_paths
+from tasks.project import init_project
+from tasks.rollout import state_dir
+
+
+def prepare_environment() -> None:
+    """Project-local Prefect state, unless the user points elsewhere."""
+    os.environ.setdefault("PREFECT_HOME", str((state_dir() / "prefect").resolve()))
+
+
+def main_job(params_file: str = str(DEFAULT_PARAMS)) -> dict:
+    """init -> MLflow + Triton + Prefect up -> training flow -> served prediction; returns a summary."""
+    from flows.pipeline import train_flow
+    from flows.serve import ensure_prefect_server
+    from tasks.tracking import ensure_server
+    from tasks.triton_client import classify
+    from tasks.triton_server import start as start_triton
+
+    prepare_environment()
+    params = load_params(params_file)
+    for line in init_project(params):
+        print(line)
+    print(f"MLflow tracking: {ensure_server(params)}")
+    triton = start_triton(params)
+    print(f"Triton: {triton}")
+    print(f"Prefect API: {ensure_prefect_server()}")
+    summary = train_flow(params_file=params_file)
+    reference = np.load(artifact_paths(params).reference)
+    signals = reference["inputs"][:3]
+    predictions = classify(_triton_url(params), params.base.model_name, signals, top_k=2)
+    summary["served_prediction"] = predictions
+    _print_summary(summary)
+    return summary
+
+
+def _triton_url(params) -> str:  # noqa: ANN001
+    return f"{params.triton.host}:{params.triton.http_port}"
+
+
+def _print_summary(summary: dict) -> None:
+    metrics = summary["metrics"]
+    print("\n== cwtops: main job finished ==")
+    print("test metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    print(f"registered model version: {summary['version']} ({summary['promotion']})")
+    print(f"MLflow run: {summary['run_url']}")
+    rollout = summary.get("rollout") or {}
+    print(f"Triton serves version {rollout.get('served')}")
+    print("prediction served by Triton (reference signals):")
+    print(json.dumps(summary["served_prediction"], indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main_job(str(Path(DEFAULT_PARAMS)))

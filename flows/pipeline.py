@@ -1,0 +1,87 @@
+"""The training flow: parse -> balance -> train -> evaluate -> export -> parity -> track,
+then register (MLflow), promote (policy) and roll out (Triton).
+
+Each stage task runs its DVC stage, so `dvc.lock` stays true: after this flow `dvc status` is
+clean, and a stage that `dvc repro` already built is skipped here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from tasks.config import DEFAULT_PARAMS, Params, load_params
+from tasks.dvc_stage import repro_stage
+from tasks.paths import artifact_paths
+from tasks.promotion import apply_policy
+from tasks.rollout import RolloutOutcome, reconcile
+
+
+@task(name="stage", task_run_name="{name}", retries=1, retry_delay_seconds=5, timeout_seconds=3600)
+def stage_task(name: str, params_file: str) -> bool:
+    """Run one DVC stage; True when it ran, False when it was up to date."""
+    return repro_stage(name, Path(params_file).parent)
+
+
+@task(retries=3, retry_delay_seconds=[5, 15, 30], timeout_seconds=600)
+def register_task(params: Params) -> int:
+    from tasks.registry import register
+
+    return register(params).version
+
+
+@task(retries=2, retry_delay_seconds=10, timeout_seconds=120)
+def promote_task(params: Params, version: int) -> str:
+    return apply_policy(params, version)
+
+
+@task(timeout_seconds=600)
+def publish_task(params: Params) -> RolloutOutcome:
+    return reconcile(params)
+
+
+@flow(name="cwtops-train", log_prints=True)
+def train_flow(params_file: str = str(DEFAULT_PARAMS), publish: bool = True) -> dict:
+    """Run the pipeline through DVC, register the model, apply the promotion policy, serve."""
+    params = load_params(params_file)
+    ran = {name: stage_task(name, params_file) for name in PIPELINE}
+    version = register_task(params)
+    decision = promote_task(params, version)
+    outcome = publish_task(params) if publish else None
+    summary = _summary(params, ran, version, decision, outcome)
+    create_markdown_artifact(key="cwtops-train", markdown=_markdown(summary), description="training run")
+    get_run_logger().info("registered version %s; promotion: %s", version, decision)
+    return summary
+
+
+PIPELINE = ("parse", "balance", "train", "evaluate", "export", "parity", "track")
+
+
+def _summary(params: Params, ran: dict, version: int, decision: str, outcome: RolloutOutcome | None) -> dict:
+    paths = artifact_paths(params)
+    track = json.loads(paths.track_run.read_text())
+    return {
+        "stages_run": [name for name, did in ran.items() if did],
+        "metrics": json.loads(paths.metrics.read_text()),
+        "parity": {k: v for k, v in json.loads(paths.parity_report.read_text()).items() if k != "cases"},
+        "version": version,
+        "promotion": decision,
+        "rollout": outcome.__dict__ if outcome else None,
+        "run_id": track.get("run_id"),
+        "run_url": track.get("run_url"),
+    }
+
+
+def _markdown(summary: dict) -> str:
+    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in summary["metrics"].items() if isinstance(v, float))
+    rollout = summary["rollout"] or {}
+    return (
+        f"# cwtops training run\n\n| metric | value |\n|---|---|\n{rows}\n\n"
+        f"- MLflow run: [{summary['run_id']}]({summary['run_url']})\n"
+        f"- registered version: **{summary['version']}** (promotion: {summary['promotion']})\n"
+        f"- Triton: {rollout.get('action', 'not published')}, serving version {rollout.get('served')}\n"
+        f"- stages run: {', '.join(summary['stages_run']) or 'none (all up to date)'}\n"
+    )

@@ -1,0 +1,114 @@
+"""`cwtops serve`: Prefect server + deployments, the MLflow webhook and its receiver, in one command.
+
+- Prefect: joins PREFECT_API_URL when set, else starts a local server on 127.0.0.1.
+- Deployments (served by this process): nightly retraining on `rollout.retrain_cron`, and the
+  rollout reconciler every `rollout.reconcile_seconds`.
+- Webhook: MLflow calls the receiver on `model_version_alias.created`; a verified promotion of
+  the registered model runs the rollout flow at once (the schedule is the safety net).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+from tasks.config import DEFAULT_PARAMS, Params, load_params
+from tasks.errors import CwtopsError
+from tasks.rollout import state_dir
+from tasks.webhook import PATH, WebhookVerifier, make_server
+
+log = logging.getLogger(__name__)
+WEBHOOK_NAME = "cwtops-rollout"
+PREFECT_PORT = int(os.environ.get("CWTOPS_PREFECT_PORT", "4200"))
+
+
+def ensure_prefect_server(timeout: float = 90.0) -> str:
+    """PREFECT_API_URL if set; else start `prefect server start` on 127.0.0.1 and wait for health."""
+    url = os.environ.get("PREFECT_API_URL")
+    if url:
+        return url
+    url = f"http://127.0.0.1:{PREFECT_PORT}/api"
+    if not _healthy(url):
+        logs = state_dir() / "prefect"
+        logs.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(PREFECT_PORT)]
+        with open(logs / "server.log", "ab") as out:
+            subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while not _healthy(url):
+            if time.monotonic() > deadline:
+                raise CwtopsError(f"Prefect server did not become healthy at {url}; see {logs / 'server.log'}")
+            time.sleep(1)
+    os.environ["PREFECT_API_URL"] = url
+    return url
+
+
+def _healthy(api_url: str) -> bool:
+    try:
+        return requests.get(f"{api_url}/health", timeout=2).ok
+    except requests.RequestException:
+        return False
+
+
+def register_mlflow_webhook(params: Params, receiver_url: str, secret: str) -> str:
+    """Create or update the MLflow webhook that calls our receiver on alias creation."""
+    from mlflow import MlflowClient
+
+    from tasks.tracking import ensure_server
+
+    client = MlflowClient(tracking_uri=ensure_server(params))
+    for hook in client.list_webhooks():
+        if hook.name == WEBHOOK_NAME:
+            client.update_webhook(hook.webhook_id, url=receiver_url, secret=secret, events=["model_version_alias.created"], status="ACTIVE")
+            return hook.webhook_id
+    hook = client.create_webhook(name=WEBHOOK_NAME, url=receiver_url, events=["model_version_alias.created"], secret=secret)
+    return hook.webhook_id
+
+
+def start_receiver(params: Params, params_file: str, secret: str) -> threading.Thread:
+    from flows.rollout import rollout_flow
+
+    def on_promotion(payload: dict) -> None:
+        log.info("promotion of version %s received; rolling out", payload.get("data", {}).get("version"))
+        rollout_flow(params_file=params_file)
+
+    cfg = params.rollout
+    server = make_server(cfg.webhook_host, cfg.webhook_port, WebhookVerifier(secret), params.base.model_name, on_promotion)
+    thread = threading.Thread(target=server.serve_forever, name="webhook", daemon=True)
+    thread.start()
+    return thread
+
+
+def serve(params_file: str = str(DEFAULT_PARAMS), webhook: bool = True) -> None:
+    """Run everything until interrupted."""
+    from prefect import serve as prefect_serve
+
+    from flows.pipeline import train_flow
+    from flows.rollout import rollout_flow
+    from tasks.tracking import ensure_server
+    from tasks.triton_server import start as start_triton
+
+    params = load_params(params_file)
+    print(f"Prefect API: {ensure_prefect_server()}")
+    print(f"MLflow: {ensure_server(params)}")
+    start_triton(params)
+    if webhook:
+        secret = os.environ.get("CWTOPS_WEBHOOK_SECRET") or secrets.token_urlsafe(32)
+        start_receiver(params, params_file, secret)
+        cfg = params.rollout
+        receiver = f"http://{cfg.webhook_host}:{cfg.webhook_port}{PATH}"
+        register_mlflow_webhook(params, receiver, secret)
+        print(f"webhook receiver: {receiver}")
+    absolute = str(Path(params_file).resolve())
+    prefect_serve(
+        train_flow.to_deployment(name="nightly", cron=params.rollout.retrain_cron, parameters={"params_file": absolute}),
+        rollout_flow.to_deployment(name="reconcile", interval=params.rollout.reconcile_seconds, parameters={"params_file": absolute}),
+    )
