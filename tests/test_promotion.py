@@ -1,0 +1,41 @@
+"""Promotion policy (pure decision) and the rollout lock."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from tasks.config import RolloutConfig
+from tasks.promotion import should_promote
+from tasks.rollout import rollout_lock
+
+
+def test_manual_never_promotes() -> None:
+    assert not should_promote(RolloutConfig(promotion="manual"), 0.99, None)
+
+
+def test_auto_promotes_first_version_and_clear_improvements_only() -> None:
+    cfg = RolloutConfig(promotion="auto", margin=0.01)
+    assert should_promote(cfg, 0.90, None)
+    assert should_promote(cfg, 0.95, 0.93)
+    assert not should_promote(cfg, 0.935, 0.93)  # inside the margin
+    assert not should_promote(cfg, 0.80, 0.93)
+
+
+def test_second_rollout_waits_for_the_first(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("CWTOPS_STATE_DIR", str(tmp_path))
+    order: list[str] = []
+
+    def first() -> None:
+        with rollout_lock():
+            order.append("first-in")
+            time.sleep(0.5)
+            order.append("first-out")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    time.sleep(0.1)
+    with rollout_lock(timeout=5):
+        order.append("second-in")
+    thread.join()
+    assert order == ["first-in", "first-out", "second-in"]
