@@ -50,7 +50,7 @@ class TrainConfig(Section):
     weight_decay: float = Field(1e-4, ge=0)
     label_smoothing: float = Field(0.05, ge=0, lt=1)
     patience: int = Field(8, ge=1)
-    channels: tuple[int, int, int, int] = (16, 32, 48, 64)
+    channels: tuple[int, int, int, int] = (8, 16, 32, 32)
     hidden: int = Field(64, ge=1)
     dropout: float = Field(0.2, ge=0, lt=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
