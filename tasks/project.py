@@ -10,7 +10,7 @@ from pathlib import Path
 from tasks.config import Params
 from tasks.errors import CwtopsError
 
-DEFAULT_REMOTE = "../.dvc-storage"  # relative to .dvc/: a local folder beside the checkout's .dvc
+DEFAULT_REMOTE = ".dvc-storage"  # a local folder in the checkout (git-ignored); DVC stores it relative to .dvc/
 
 
 def dvc(*args: str, cwd: Path | None = None) -> str:
