@@ -11,17 +11,17 @@ import numpy as np
 from tasks.config import DEFAULT_PARAMS, load_params
 from tasks.paths import artifact_paths
 from tasks.project import init_project
-from tasks.rollout import state_dir
+from tasks.services import state_dir
 
 
 def prepare_environment() -> None:
     """Project-local Prefect state, unless the user points elsewhere."""
     os.environ.setdefault("PREFECT_HOME", str((state_dir() / "prefect").resolve()))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def main_job(params_file: str = str(DEFAULT_PARAMS)) -> dict:
     """init -> MLflow + Triton + Prefect up -> training flow -> served prediction; returns a summary."""
-    from flows.pipeline import train_flow
     from flows.serve import ensure_prefect_server
     from tasks.tracking import ensure_server
     from tasks.triton_client import classify
@@ -32,9 +32,10 @@ def main_job(params_file: str = str(DEFAULT_PARAMS)) -> dict:
     for line in init_project(params):
         print(line)
     print(f"MLflow tracking: {ensure_server(params)}")
-    triton = start_triton(params)
-    print(f"Triton: {triton}")
-    print(f"Prefect API: {ensure_prefect_server()}")
+    print(f"Triton: {start_triton(params)}")
+    print(f"Prefect API: {ensure_prefect_server()}")  # before Prefect is imported: it reads the URL once
+    from flows.pipeline import train_flow
+
     summary = train_flow(params_file=params_file)
     reference = np.load(artifact_paths(params).reference)
     signals = reference["inputs"][:3]

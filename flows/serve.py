@@ -22,7 +22,7 @@ import requests
 
 from tasks.config import DEFAULT_PARAMS, Params, load_params
 from tasks.errors import CwtopsError
-from tasks.rollout import state_dir
+from tasks.services import state_dir
 from tasks.webhook import PATH, WebhookVerifier, make_server
 
 log = logging.getLogger(__name__)
@@ -89,15 +89,16 @@ def start_receiver(params: Params, params_file: str, secret: str) -> threading.T
 
 def serve(params_file: str = str(DEFAULT_PARAMS), webhook: bool = True) -> None:
     """Run everything until interrupted."""
-    from prefect import serve as prefect_serve
-
-    from flows.pipeline import train_flow
-    from flows.rollout import rollout_flow
     from tasks.tracking import ensure_server
     from tasks.triton_server import start as start_triton
 
     params = load_params(params_file)
-    print(f"Prefect API: {ensure_prefect_server()}")
+    print(f"Prefect API: {ensure_prefect_server()}")  # before Prefect is imported: it reads the URL once
+    from prefect import serve as prefect_serve
+
+    from flows.pipeline import train_flow
+    from flows.rollout import rollout_flow
+
     print(f"MLflow: {ensure_server(params)}")
     start_triton(params)
     if webhook:

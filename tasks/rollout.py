@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from tasks.config import Params
 from tasks.errors import CwtopsError
+from tasks.services import state_dir
 
 STATUS_TAG = "deployment_status"  # serving | rolling_out | failed | retired
 REASON_TAG = "deployment_reason"
@@ -38,10 +38,6 @@ class RolloutOutcome:
     served: int | None
     reason: str = ""
     seconds: float = 0.0
-
-
-def state_dir() -> Path:
-    return Path(os.environ.get("CWTOPS_STATE_DIR", ".cwtops"))
 
 
 @contextlib.contextmanager
