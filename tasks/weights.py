@@ -178,7 +178,7 @@ def _entries(doc: _Text) -> list[_Entry]:
         values, after = _parse_tensor(doc, match.end(), end, name)
         trailer = _TRAILER.match(text, after, end)
         if not trailer:
-            raise doc.fail(after, name, "unexpected text after the tensor", "only keywords like dtype= may follow")
+            raise doc.fail(after, name, "missing ')' or unexpected text after the tensor", "only keywords like dtype= may follow the numbers")
         _check_gap(doc, trailer.end(), end, name)
         entries.append(_Entry(name, kind, doc.line(match.start()), values))
     return entries

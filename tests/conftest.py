@@ -1,0 +1,114 @@
+"""Shared fixtures: a small real project (git + DVC), real MLflow and Triton servers on free ports."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+SMALL_COUNTS = {"noise": 300, "burst": 150, "chirp": 100, "am": 80, "fm": 60}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run(command: list[str], cwd: Path, env: dict | None = None, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, cwd=cwd, env=env or os.environ.copy(), capture_output=True, text=True, timeout=timeout)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+    return done
+
+
+def small_params(root: Path, mlflow_port: int, triton_ports: tuple[int, int, int]) -> dict:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"].update({"epochs": 6, "patience": 6, "batch_size": 32})
+    params["balance"]["samples_per_class"] = 60
+    params["mlflow"]["port"] = mlflow_port
+    params["triton"].update({"http_port": triton_ports[0], "grpc_port": triton_ports[1], "metrics_port": triton_ports[2]})
+    params["rollout"]["webhook_port"] = free_port()
+    return params
+
+
+def make_project(target: Path) -> Path:
+    """A copy of this repository's code and pipeline definition, as its own git + DVC repo."""
+    for name in ("tasks", "flows", "bench"):
+        shutil.copytree(ROOT / name, target / name, ignore=shutil.ignore_patterns("__pycache__", "results"))
+    for name in ("dvc.yaml", "pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, target / name)
+    (target / ".gitignore").write_text(".cwtops/\n/mlflow/\n/model_repository/\n/results/\n/.dvc-storage/\n")
+    run(["git", "init", "-q"], target)
+    run(["git", "-c", "user.email=t@example.com", "-c", "user.name=t", "add", "-A"], target)
+    run(["git", "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "init"], target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def services_env(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Environment for subprocesses: isolated state dir and this venv's bin first on PATH."""
+    state = tmp_path_factory.mktemp("state")
+    env = os.environ.copy()
+    env["CWTOPS_STATE_DIR"] = str(state)
+    env["PATH"] = str(BIN) + os.pathsep + env.get("PATH", "")
+    env["CWTOPS_TRITON_HOME"] = str(ROOT / ".triton")
+    env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "1"
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory: pytest.TempPathFactory, services_env: dict) -> Path:
+    """A small initialised project (sample data with fewer signals, generated weights, DVC)."""
+    root = make_project(tmp_path_factory.mktemp("project"))
+    params = small_params(root, free_port(), (free_port(), free_port(), free_port()))
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    code = (
+        "from tasks.data import write_sample_dataset; "
+        f"write_sample_dataset('data/raw', seed=42, counts={SMALL_COUNTS!r})"
+    )
+    run([sys.executable, "-c", code], root, services_env)
+    run([str(BIN / "cwtops"), "init"], root, services_env)
+    return root
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(project: Path, services_env: dict) -> str:
+    run([str(BIN / "cwtops"), "mlflow", "start"], project, services_env, timeout=180)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    yield f"http://127.0.0.1:{params['mlflow']['port']}"
+    run([str(BIN / "cwtops"), "mlflow", "stop"], project, services_env, check=False)
+
+
+@pytest.fixture(scope="session")
+def triton_server(project: Path, services_env: dict) -> str:
+    run([str(BIN / "cwtops"), "triton", "start"], project, services_env, timeout=180)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    yield f"127.0.0.1:{params['triton']['http_port']}"
+    run([str(BIN / "cwtops"), "triton", "stop"], project, services_env, check=False)
+
+
+@pytest.fixture(scope="session")
+def built_project(project: Path, services_env: dict, mlflow_server: str) -> Path:
+    """The project after one full `dvc repro` (every stage, MLflow tracking included)."""
+    run([str(BIN / "dvc"), "repro"], project, services_env, timeout=1200)
+    return project
+
+
+@pytest.fixture()
+def in_project(built_project: Path, services_env: dict, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run in-process code from inside the built project, with its environment."""
+    monkeypatch.chdir(built_project)
+    for key in ("CWTOPS_STATE_DIR", "CWTOPS_TRITON_HOME", "PATH"):
+        monkeypatch.setenv(key, services_env[key])
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return built_project

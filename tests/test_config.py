@@ -1,0 +1,30 @@
+"""Typed params: the shipped file validates; unknown keys and wrong types name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks.config import flatten, load_params, params_from_dict
+from tasks.errors import CwtopsError
+
+
+def test_shipped_params_validate() -> None:
+    params = load_params("params.yaml")
+    assert params.base.seed == 42 and params.balance.cap_factor == 3
+    assert flatten(params)["train.epochs"] == str(params.train.epochs)
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"train": {"epoch": 3}}, "unknown key 'train.epoch'"),
+        ({"trian": {}}, "unknown key 'trian'"),
+        ({"train": {"lr": "fast"}}, "'train.lr'"),
+        ({"balance": {"cap_factor": -1}}, "'balance.cap_factor'"),
+        ({"base": {"model_name": "../evil"}}, "'base.model_name'"),
+        ({"rollout": {"promotion": "sometimes"}}, "'rollout.promotion'"),
+    ],
+)
+def test_bad_params_name_the_key(raw: dict, message: str) -> None:
+    with pytest.raises(CwtopsError, match=message.replace(".", r"\.")):
+        params_from_dict(raw, "params.yaml")
