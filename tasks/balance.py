@@ -1,12 +1,16 @@
 """Stage `balance`: capped partial balancing, then a seeded stratified split manifest.
 
 limit = min_class_count * cap_factor; each class keeps min(count, limit) samples drawn with the
-seed; `samples_per_class`, when set, overrides the limit. A fixed test split in the raw data
-(data/raw/test/) is kept whole and never balanced; the balanced pool is split into train/val.
+seed; `samples_per_class`, when set, overrides the limit. Balancing applies to the training pool
+(source_split == 'train'). A fixed test split in the raw data (data/raw/test/) is kept whole and
+never balanced; the balanced pool is then split into train/val only. Without one, the balanced
+pool is split into train/val/test.
 """
 
 from __future__ import annotations
 
+import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,12 +18,13 @@ import numpy as np
 import pandas as pd
 
 from tasks.config import BalanceConfig, Params
-from tasks.data import save_manifest
+from tasks.data import MANIFEST_COLUMNS, read_manifest, save_manifest
 from tasks.errors import CwtopsError
 from tasks.io import write_json
 from tasks.paths import artifact_paths
 
 SPLIT_COLUMNS = ["sample_id", "file", "row", "label", "split"]
+SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
 
 
 @dataclass(frozen=True)
@@ -30,53 +35,113 @@ class BalanceResult:
     split_manifest: Path
 
 
-def capped_counts(counts: dict[str, int], cap_factor: float, samples_per_class: int | None = None) -> dict[str, int]:
-    """How many samples each class keeps (pure)."""
+def cap_limit(counts: dict[str, int], cap_factor: float, samples_per_class: int | None = None) -> int:
+    """The most samples any class keeps: `samples_per_class` when set, else min count * cap_factor
+    (rounded down, at least 1)."""
     if not counts:
-        raise CwtopsError("no classes to balance")
-    limit = samples_per_class if samples_per_class is not None else int(min(counts.values()) * cap_factor)
-    return {label: min(count, limit) for label, count in counts.items()}
+        raise CwtopsError("balance: no training samples to balance; check the raw data folder")
+    if cap_factor <= 0 or (samples_per_class is not None and samples_per_class < 1):
+        raise CwtopsError(f"balance: cap_factor must be > 0 and samples_per_class >= 1 (got {cap_factor}, {samples_per_class})")
+    if samples_per_class is not None:
+        return samples_per_class
+    return max(1, math.floor(min(counts.values()) * cap_factor + 1e-9))  # 20 * 3 is 60, not 59
 
 
-def _split_sizes(n: int, cfg: BalanceConfig, with_test: bool) -> tuple[int, int]:
-    """(val, test) sizes for one class: at least one each when the class has >= 3 samples."""
-    minimum = 1 if n >= (3 if with_test else 2) else 0
-    val = max(minimum, int(round(n * cfg.val_fraction)))
-    test = max(minimum, int(round(n * cfg.test_fraction))) if with_test else 0
-    return val, test
+def capped_counts(counts: dict[str, int], cap_factor: float, samples_per_class: int | None = None) -> dict[str, int]:
+    """How many samples each class keeps: min(count, limit), sorted by class (pure)."""
+    limit = cap_limit(counts, cap_factor, samples_per_class)
+    return {label: min(int(count), limit) for label, count in sorted(counts.items())}
+
+
+def split_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int, int]:
+    """(train, val, test) sizes for one class of n samples; test_fraction 0 means no test part.
+
+    Each part gets at least one sample when the class has enough for all parts, and train
+    always keeps at least one.
+    """
+    parts = 3 if test_fraction > 0 else 2
+    minimum = 1 if n >= parts else 0
+    val = max(minimum, math.floor(n * val_fraction + 0.5))
+    test = max(minimum, math.floor(n * test_fraction + 0.5)) if test_fraction > 0 else 0
+    while n > 0 and val + test > n - 1:
+        if test >= val and test > minimum:
+            test -= 1
+        else:
+            val -= 1
+    return n - val - test, val, test
+
+
+def _class_rng(seed: int, label: str) -> np.random.Generator:
+    # Seeded by the seed and the class name, so a class's draw never depends on other classes.
+    return np.random.default_rng([seed & 0xFFFFFFFFFFFFFFFF, zlib.crc32(label.encode("utf-8"))])
+
+
+def _draw_class(rows: pd.DataFrame, keep: int, rng: np.random.Generator, val_fraction: float, test_fraction: float) -> pd.DataFrame:
+    """`keep` rows drawn without replacement, in random order, then cut into train/val/test."""
+    picked = rows.iloc[rng.choice(len(rows), size=keep, replace=False)]
+    train, val, test = split_sizes(keep, val_fraction, test_fraction)
+    return picked.assign(split=["val"] * val + ["test"] * test + ["train"] * train)
+
+
+def _check_manifest(manifest: pd.DataFrame) -> None:
+    missing = [column for column in MANIFEST_COLUMNS if column not in manifest.columns]
+    if missing:
+        raise CwtopsError(f"balance: manifest lacks columns {missing}; rebuild it with the parse stage")
+    splits = set(manifest.source_split) - {"train", "test"}
+    if splits:
+        raise CwtopsError(f"balance: unknown source_split values {sorted(splits)}; allowed: train, test")
 
 
 def balance_manifest(manifest: pd.DataFrame, cfg: BalanceConfig, seed: int) -> pd.DataFrame:
-    """Add a `split` column (train/val/test) to a balanced selection of the manifest's rows."""
-    pool = manifest[manifest.source_split == "train"]
+    """The balanced selection of `manifest` with a `split` column (train/val/test).
+
+    Classes are drawn in sorted order, each with its own generator from (seed, class name), from
+    rows sorted by file and row, so the result depends only on the data, the config and the seed.
+    """
+    _check_manifest(manifest)
+    pool = manifest[manifest.source_split == "train"].sort_values(["label", "file", "row"], kind="stable")
     fixed_test = manifest[manifest.source_split == "test"]
     keep = capped_counts(pool.label.value_counts().to_dict(), cfg.cap_factor, cfg.samples_per_class)
-    parts = []
-    for index, label in enumerate(sorted(keep)):
-        rows = pool[pool.label == label]
-        rng = np.random.default_rng([seed, index])
-        chosen = rows.iloc[np.sort(rng.choice(len(rows), size=keep[label], replace=False))]
-        shuffled = chosen.iloc[rng.permutation(len(chosen))]
-        val, test = _split_sizes(len(shuffled), cfg, with_test=fixed_test.empty)
-        split = ["test"] * test + ["val"] * val + ["train"] * (len(shuffled) - val - test)
-        parts.append(shuffled.assign(split=split))
-    if not fixed_test.empty:
+    test_fraction = 0.0 if len(fixed_test) else cfg.test_fraction
+    parts = [
+        _draw_class(rows, keep[label], _class_rng(seed, label), cfg.val_fraction, test_fraction)
+        for label, rows in pool.groupby("label", sort=True)
+    ]
+    if len(fixed_test):
         parts.append(fixed_test.assign(split="test"))
     result = pd.concat(parts)[SPLIT_COLUMNS]
-    order = {"train": 0, "val": 1, "test": 2}
-    return result.sort_values(["split", "label", "file", "row"], key=lambda c: c.map(order) if c.name == "split" else c, kind="stable").reset_index(drop=True)
+    result = result.assign(_order=result.split.map(SPLIT_ORDER)).sort_values(["_order", "label", "file", "row"], kind="stable")
+    return result[SPLIT_COLUMNS].reset_index(drop=True)
+
+
+def split_counts(split_manifest: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """{split: {class: count}} in train/val/test order."""
+    counts = split_manifest.groupby(["split", "label"]).size()
+    return {
+        split: {label: int(n) for label, n in counts[split].sort_index().items()}
+        for split in sorted(set(split_manifest.split), key=SPLIT_ORDER.__getitem__)
+    }
 
 
 def run(params: Params) -> BalanceResult:
-    """Read the parse stage's manifest, write the split manifest and a summary."""
+    """Read the parse stage's manifest; write the split manifest (CSV) and a summary (JSON)."""
     paths = artifact_paths(params)
-    if not paths.manifest.exists():
-        raise CwtopsError(f"{paths.manifest}: not found; run the parse stage first")
-    manifest = pd.read_csv(paths.manifest)
+    manifest = read_manifest(paths.manifest, MANIFEST_COLUMNS)
     split = balance_manifest(manifest, params.balance, params.base.seed)
-    before = manifest[manifest.source_split == "train"].label.value_counts().sort_index().to_dict()
-    after = split[split.split != "test"].label.value_counts().sort_index().to_dict() if (manifest.source_split == "test").any() else split.label.value_counts().sort_index().to_dict()
-    split_counts = {name: group.label.value_counts().sort_index().to_dict() for name, group in split.groupby("split")}
+    before = {label: int(n) for label, n in manifest[manifest.source_split == "train"].label.value_counts().sort_index().items()}
+    after = capped_counts(before, params.balance.cap_factor, params.balance.samples_per_class)
+    per_split = split_counts(split)
     save_manifest(split, paths.split_manifest)
-    write_json(paths.balance_summary, {"counts_before": before, "counts_after": after, "split_counts": split_counts, "limit_rule": "min_count * cap_factor" if params.balance.samples_per_class is None else "samples_per_class"})
-    return BalanceResult(before, after, split_counts, paths.split_manifest)
+    write_json(
+        paths.balance_summary,
+        {
+            "counts_before": before,
+            "counts_after": after,
+            "split_counts": per_split,
+            "limit": cap_limit(before, params.balance.cap_factor, params.balance.samples_per_class),
+            "limit_rule": "min_count * cap_factor" if params.balance.samples_per_class is None else "samples_per_class",
+            "fixed_test_split": bool((manifest.source_split == "test").any()),
+            "seed": params.base.seed,
+        },
+    )
+    return BalanceResult(before, after, per_split, paths.split_manifest)

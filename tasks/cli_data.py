@@ -1,4 +1,4 @@
-"""`cwtops data sample|import-ucr`."""
+"""`cwtops data sample|import-ucr`: write raw signals in the layout the pipeline reads."""
 
 from __future__ import annotations
 
@@ -6,32 +6,38 @@ from pathlib import Path
 
 import typer
 
-from tasks.data import import_ucr, write_sample_dataset
+from tasks.data import SAMPLE_COUNTS, import_ucr, write_sample_dataset
 
 data_app = typer.Typer(help="Create or import raw signals (data/raw/<class>/*.npy).", no_args_is_help=True)
 
 
 @data_app.command("sample")
 def sample(
-    out: Path = typer.Option(Path("data/raw"), "--out", help="raw data folder to write"),
-    seed: int = typer.Option(42, help="random seed: the same seed writes the same bytes"),
+    out: Path = typer.Option(Path("data/raw"), "--out", help="raw data folder to write (replaced as a whole)"),
+    seed: int = typer.Option(42, "--seed", help="random seed: the same seed writes the same bytes"),
 ) -> None:
-    """Write the embedded 5-class, imbalanced sample dataset."""
-    counts = write_sample_dataset(out, seed=seed)
+    """Write the embedded 5-class, imbalanced sample dataset (length-2048 float32 signals)."""
+    counts = write_sample_dataset(out, seed=seed, counts=SAMPLE_COUNTS)
     typer.echo(f"wrote {sum(counts.values())} signals to {out}: {counts}")
 
 
 @data_app.command("import-ucr")
 def import_ucr_command(
-    train: Path = typer.Argument(..., help="UCR TRAIN file (.ts, .tsv or .arff)"),
-    test: Path | None = typer.Argument(None, help="UCR TEST file: becomes the fixed test split"),
-    out: Path = typer.Option(Path("data/raw"), "--out", help="raw data folder to write"),
+    train: Path = typer.Argument(..., help="UCR TRAIN file (.ts, .tsv, .txt or .arff)"),
+    test: Path | None = typer.Argument(None, help="UCR TEST file: becomes the fixed test split in <out>/test/"),
+    out: Path = typer.Option(Path("data/raw"), "--out", help="raw data folder to write (replaced as a whole)"),
 ) -> None:
-    """Convert UCR archive files into the raw layout (fixed test split in <out>/test/)."""
+    """Convert UCR archive files into the raw layout.
+
+    Class folders come from the labels: numeric labels get a prefix (1 -> class_1, -1 -> class_-1),
+    safe names stay as they are, anything else becomes class_<label with '_' for other characters>.
+    The mapping is saved in <out>/.ucr_labels.json.
+    """
     counts = import_ucr(train, test, out)
     for split, per_class in counts.items():
-        typer.echo(f"{split}: {per_class}")
+        typer.echo(f"{split}: {sum(per_class.values())} series {per_class}")
 
 
 def register(app: typer.Typer) -> None:
+    """Add the `data` command group to the main app."""
     app.add_typer(data_app, name="data")

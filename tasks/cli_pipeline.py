@@ -71,7 +71,18 @@ def rollout(
         raise typer.Exit(1)
 
 
+def bench(
+    quick: bool = typer.Option(False, "--quick", help="fewer repeats and smaller inputs"),
+    only: list[str] = typer.Option(None, "--only", help="frontend, parser, onnx, train, serving"),
+) -> None:
+    """Run the benchmarks: one table each, ratios against their targets, JSON under bench/results/."""
+    from bench.suite import run_all
+
+    run_all(quick=quick, only=only or None)
+
+
 def register(app: typer.Typer) -> None:
+    app.command("bench")(bench)
     app.command("stage")(stage)
     app.command("init")(init)
     app.command("run")(run)

@@ -148,6 +148,7 @@ def list_versions(params: Params) -> list[dict]:
     client, metric = _client(params), f"test_{params.rollout.metric}"
     try:
         versions = client.search_model_versions(f"name = '{params.base.model_name}'")
+        aliases = client.get_registered_model(params.base.model_name).aliases  # search results omit them
     except MlflowException:
         return []
     rows = []
@@ -156,7 +157,7 @@ def list_versions(params: Params) -> list[dict]:
         rows.append({
             "version": int(version.version),
             "metric": float(value) if value else None,
-            "aliases": list(version.aliases),
+            "aliases": sorted(alias for alias, target in aliases.items() if str(target) == str(version.version)),
             "deployment_status": version.tags.get("deployment_status", ""),
             "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(version.creation_timestamp / 1000)),
             "run_id": version.run_id,

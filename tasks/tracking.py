@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tasks.config import Params
 from tasks.errors import CwtopsError
+from tasks.io import atomic_path
 from tasks.services import Service, http_ok
 
 MLFLOW = Service("mlflow")
@@ -26,8 +27,24 @@ def tracking_uri(params: Params) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or local_uri(params)
 
 
-def _server_env() -> dict[str, str]:
+def _encryption_key(params: Params) -> str:
+    """MLflow encrypts stored webhook secrets; a key kept beside the store survives restarts."""
+    from cryptography.fernet import Fernet
+
+    path = Path(params.mlflow.artifacts_destination).parent / "webhook-secret.key"
+    if "://" in params.mlflow.artifacts_destination:
+        path = Path("mlflow") / "webhook-secret.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(Fernet.generate_key())
+            tmp.chmod(0o600)
+    return path.read_text().strip()
+
+
+def _server_env(params: Params) -> dict[str, str]:
     env = dict(os.environ)
+    env.setdefault("MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY", _encryption_key(params))
     # Webhooks to the local receiver on 127.0.0.1 over http (MLflow allows only public https by default).
     env.setdefault("MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS", "true")
     env.setdefault("MLFLOW_WEBHOOK_ALLOWED_SCHEMES", "http,https")
@@ -56,7 +73,7 @@ def start(params: Params, port: int | None = None, wait: float = 90.0) -> dict:
         "--artifacts-destination", destination,
         "--serve-artifacts", "--workers", "1",
     ]
-    pid = MLFLOW.launch(command, _server_env())
+    pid = MLFLOW.launch(command, _server_env(params))
     MLFLOW.wait_healthy(lambda: http_ok(f"{uri}/health"), wait)
     return {"uri": uri, "pid": pid, "started": True, "log": str(MLFLOW.log_file)}
 

@@ -32,7 +32,7 @@ def run(command: list[str], cwd: Path, env: dict | None = None, check: bool = Tr
 
 def small_params(root: Path, mlflow_port: int, triton_ports: tuple[int, int, int]) -> dict:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["train"].update({"epochs": 6, "patience": 6, "batch_size": 32})
+    params["train"].update({"epochs": 15, "patience": 15, "batch_size": 32})
     params["balance"]["samples_per_class"] = 60
     params["mlflow"]["port"] = mlflow_port
     params["triton"].update({"http_port": triton_ports[0], "grpc_port": triton_ports[1], "metrics_port": triton_ports[2]})

@@ -1,0 +1,124 @@
+"""Flows and services: the Prefect training flow keeps DVC true; promotion rolls out through the
+webhook and the reconciler with real MLflow and Triton servers; bad versions never serve."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import BIN, run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture()
+def params(in_project: Path):
+    from tasks.config import load_params
+
+    return load_params()
+
+
+def _copy_version(params, source_version: int) -> int:
+    """A new registry version with the same files and tags (what a retrain with equal data gives)."""
+    from mlflow import MlflowClient
+
+    from tasks.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri=tracking_uri(params))
+    name = params.base.model_name
+    source = client.get_model_version(name, str(source_version))
+    keep = {k: v for k, v in source.tags.items() if not k.startswith("deployment_")}
+    created = client.create_model_version(name, source.source, run_id=source.run_id, tags=keep)
+    deadline = time.monotonic() + 60
+    while client.get_model_version(name, created.version).status != "READY" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return int(created.version)
+
+
+def _wait_served(params, url: str, version: int, timeout: float) -> float:
+    from tasks.triton_publish import served_version
+
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if served_version(params, url) == version:
+            return time.monotonic() - started
+        time.sleep(0.25)
+    raise AssertionError(f"Triton did not serve version {version} within {timeout} s (serves {served_version(params, url)})")
+
+
+def test_train_flow_serves_a_version_and_leaves_dvc_clean(harness, in_project: Path, params, triton_server: str, services_env: dict) -> None:
+    from flows.pipeline import train_flow
+
+    summary = train_flow(params_file=str(in_project / "params.yaml"))
+    assert summary["version"] >= 1
+    assert summary["rollout"]["served"] is not None
+    assert "up to date" in run([str(BIN / "dvc"), "status"], in_project, services_env).stdout
+    again = run([str(BIN / "dvc"), "repro"], in_project, services_env)
+    assert "Running stage" not in again.stdout
+
+
+def test_webhook_promotion_rolls_out_within_15_seconds(harness, in_project: Path, params, triton_server: str, mlflow_server: str) -> None:
+    from flows.serve import register_mlflow_webhook, start_receiver
+    from tasks.registry import resolve_version
+    from tasks.rollout import reconcile
+
+    reconcile(params)  # start from a converged state
+    newer = _copy_version(params, resolve_version(params, None))
+    secret = "test-secret-" + str(time.time())
+    start_receiver(params, str(in_project / "params.yaml"), secret)
+    receiver = f"http://{params.rollout.webhook_host}:{params.rollout.webhook_port}/mlflow/webhook"
+    register_mlflow_webhook(params, receiver, secret)
+    time.sleep(3)  # the server caches its webhook list for MLFLOW_WEBHOOK_CACHE_TTL seconds
+    answer = requests.post(
+        f"{mlflow_server}/api/2.0/mlflow/registered-models/alias",
+        json={"name": params.base.model_name, "alias": "production", "version": str(newer)},
+        timeout=10,
+    )
+    assert answer.ok, answer.text
+    assert _wait_served(params, triton_server, newer, timeout=15) <= 15
+
+
+def test_reconciler_converges_without_webhook(in_project: Path, params, triton_server: str) -> None:
+    from tasks.registry import promote, resolve_version
+    from tasks.rollout import reconcile
+
+    current = resolve_version(params, None)
+    newer = _copy_version(params, current)
+    promote(params, newer)
+    outcome = reconcile(params)
+    assert outcome.action == "rolled_out" and outcome.served == newer
+    assert reconcile(params).action == "noop"
+
+
+def test_version_with_corrupted_onnx_is_not_rolled_out(in_project: Path, params, triton_server: str) -> None:
+    from mlflow import MlflowClient
+
+    from tasks.registry import promote, resolve_version
+    from tasks.rollout import reconcile
+    from tasks.tracking import tracking_uri
+    from tasks.triton_publish import served_version
+
+    serving = served_version(params, triton_server) or resolve_version(params, None)
+    bad = _copy_version(params, serving)
+    client = MlflowClient(tracking_uri=tracking_uri(params))
+    client.set_model_version_tag(params.base.model_name, str(bad), "onnx_sha256", "0" * 64)  # what tampering looks like
+    promote(params, bad)
+    outcome = reconcile(params)
+    assert outcome.action == "failed"
+    assert served_version(params, triton_server) == serving
+    tags = client.get_model_version(params.base.model_name, str(bad)).tags
+    assert tags["deployment_status"] == "failed" and "sha256" in tags["deployment_reason"]
+    assert reconcile(params).action == "skipped"  # a failed version is not retried every minute
+    promote(params, serving)
+    assert reconcile(params).action in ("noop", "rolled_out")
