@@ -126,6 +126,8 @@ def split_counts(split_manifest: pd.DataFrame) -> dict[str, dict[str, int]]:
 def run(params: Params) -> BalanceResult:
     """Read the parse stage's manifest; write the split manifest (CSV) and a summary (JSON)."""
     paths = artifact_paths(params)
+    if not paths.manifest.is_file():
+        raise CwtopsError(f"{paths.manifest}: manifest not found; run the parse stage first (`cwtops stage parse` or `dvc repro parse`)")
     manifest = read_manifest(paths.manifest, MANIFEST_COLUMNS)
     split = balance_manifest(manifest, params.balance, params.base.seed)
     before = {label: int(n) for label, n in manifest[manifest.source_split == "train"].label.value_counts().sort_index().items()}

@@ -76,6 +76,9 @@ def bench(
     only: list[str] = typer.Option(None, "--only", help="frontend, parser, onnx, train, serving"),
 ) -> None:
     """Run the benchmarks: one table each, ratios against their targets, JSON under bench/results/."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ lives beside tasks/
     from bench.suite import run_all
 
     run_all(quick=quick, only=only or None)

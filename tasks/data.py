@@ -26,6 +26,7 @@ MANIFEST_COLUMNS = ["sample_id", "file", "row", "label", "source_split"]
 SAMPLE_COUNTS = {"noise": 1200, "burst": 500, "chirp": 260, "am": 160, "fm": 100}
 SAMPLE_LENGTH = 2048
 SAMPLE_SNR_DB = (-3.0, 6.0)  # structure power over its own support vs the background, per signal
+SAMPLE_HUM = (0.4, -9.0, -3.0)  # chance of a steady interfering tone in any signal, its power range (dB)
 UCR_LABELS_FILE = ".ucr_labels.json"  # hidden, so the raw scan ignores it
 NPY_MAGIC = b"\x93NUMPY"
 _CONVERT = "convert to float32 (or float64) explicitly: np.save(path, array.astype(np.float32))"
@@ -107,6 +108,10 @@ def sample_signals(label: str, n: int, rng: np.random.Generator, length: int = S
         raise DataError(f"unknown sample class '{label}'; sample classes are: {', '.join(_STRUCTURE)}")
     t = np.arange(length, dtype=np.float64)[None, :]
     signal = _background(rng, n, length)  # (n, L), unit variance
+    # A steady interfering tone in any class, so "a tone is present" alone does not mean am or fm.
+    chance, low_db, high_db = SAMPLE_HUM
+    hum = (rng.random((n, 1)) < chance) * np.sqrt(2 * 10 ** (rng.uniform(low_db, high_db, (n, 1)) / 10))
+    signal = signal + hum * np.cos(2 * np.pi * rng.uniform(0.04, 0.3, (n, 1)) * t + _phase(rng, n))
     make = _STRUCTURE[label]
     if make is not None:
         wave, envelope = make(rng, n, t)
@@ -211,7 +216,13 @@ def _read_ts(path: Path) -> _Table:
     """sktime/aeon `.ts`: `@` headers, then `v1,v2,...:label` per line."""
     header, data = _data_lines(path, "#")
     keys = {text.split()[0].lower(): text.split()[1:] for _, text in header}
-    for key, bad, why in (("@timestamps", "true", "time-stamped series"), ("@univariate", "false", "multivariate series"), ("@classlabel", "false", "series without class labels")):
+    refused = (
+        ("@timestamps", "true", "time-stamped series"),
+        ("@univariate", "false", "multivariate series"),
+        ("@classlabel", "false", "series without class labels"),
+        ("@targetlabel", "true", "regression targets"),
+    )
+    for key, bad, why in refused:
         if [v.lower() for v in keys.get(key, [])][:1] == [bad]:
             raise DataError(f"{path}: {why} are not supported ({key} {bad}); convert to one equal-length channel with labels")
     if not data:
@@ -228,19 +239,29 @@ def _read_ts(path: Path) -> _Table:
     return table
 
 
-def _read_tsv(path: Path) -> _Table:
-    """UCR 2018 `.tsv` (label, then values, tab separated); `.txt` may also use spaces or commas."""
+def _read_delimited(path: Path, separator: str) -> _Table:
+    """Label first, then the values, one series per line."""
     table = _Table(path, [], [], [])
     for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
-        fields = re.split(r"[\t, ]+", line.strip())
-        if fields == [""]:
+        if not line.strip():
             continue
+        fields = re.split(separator, line.strip())
         if len(fields) < 2:
             raise DataError(f"{path}, line {number}: expected a label followed by values")
         table.labels.append(fields[0])
         table.rows.append(fields[1:])
         table.lines.append(number)
     return table
+
+
+def _read_tsv(path: Path) -> _Table:
+    """UCR 2018 `.tsv`: tab separated, so labels may hold spaces."""
+    return _read_delimited(path, r"\t")
+
+
+def _read_txt(path: Path) -> _Table:
+    """Older UCR `.txt`: separated by whitespace or commas."""
+    return _read_delimited(path, r"[,\s]+")
 
 
 def _read_arff(path: Path) -> _Table:
@@ -264,7 +285,7 @@ def _read_arff(path: Path) -> _Table:
     return table
 
 
-_UCR_READERS = {".ts": _read_ts, ".tsv": _read_tsv, ".txt": _read_tsv, ".arff": _read_arff}
+_UCR_READERS = {".ts": _read_ts, ".tsv": _read_tsv, ".txt": _read_txt, ".arff": _read_arff}
 
 
 def _to_matrix(table: _Table) -> np.ndarray:
@@ -280,7 +301,7 @@ def _to_matrix(table: _Table) -> np.ndarray:
         try:
             signals[index] = np.array(row, dtype=np.float64)
         except ValueError:
-            bad = next(value for value in row if not _NUMBER.match(value.strip()) and value.strip().lower() not in ("nan", "inf", "-inf"))
+            bad = next((value for value in row if not _NUMBER.match(value.strip()) and value.strip().lower() not in ("nan", "inf", "-inf")), "?")
             raise DataError(f"{table.path}, line {line}: value {bad!r} is not a number; impute missing values ('?') or drop the series") from None
         if not np.isfinite(signals[index]).all():
             raise DataError(f"{table.path}, line {line}: missing (NaN) or infinite values; impute them or drop the series")
@@ -339,7 +360,8 @@ def import_ucr(train: Path | str, test: Path | str | None, out: Path | str) -> d
     with atomic_dir(out) as staging:
         for split, (signals, labels) in splits.items():
             counts[split] = _write_split(staging if split == "train" else staging / TEST_DIR, signals, [mapping[label] for label in labels])
-        (staging / UCR_LABELS_FILE).write_text(json.dumps({"labels": mapping, "train": Path(train).name, "test": None if test is None else Path(test).name}, indent=2, sort_keys=True) + "\n")
+        sources = {"labels": mapping, "train": Path(train).name, "test": None if test is None else Path(test).name}
+        (staging / UCR_LABELS_FILE).write_text(json.dumps(sources, indent=2, sort_keys=True) + "\n")
     return counts
 
 
@@ -356,8 +378,8 @@ def _open_npy(path: Path) -> np.ndarray:
     except ValueError as error:
         if "Python objects" in str(error):  # object arrays cannot be memory-mapped
             raise DataError(f"{path}: dtype object is not supported; {_CONVERT}") from None
-        raise DataError(f"{path}: damaged .npy file ({error}); write it again with numpy.save") from None
-    except Exception as error:  # OSError/EOFError, e.g. a truncated file
+        raise DataError(f"{path}: damaged or truncated .npy file ({error}); write it again with numpy.save") from None
+    except (OSError, EOFError) as error:
         raise DataError(f"{path}: unreadable .npy file ({error}); it may be truncated, write it again") from None
     if array.dtype.kind != "f":
         raise DataError(f"{path}: dtype {array.dtype} is not supported; {_CONVERT}")
@@ -510,7 +532,10 @@ class _FileCache:
             self._arrays, self._pid = {}, os.getpid()
         array = self._arrays.get(file)
         if array is None:
-            array = self._arrays[file] = np.load(self.raw_dir / file, mmap_mode="r", allow_pickle=False)
+            try:
+                array = self._arrays[file] = np.load(self.raw_dir / file, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as error:
+                raise DataError(f"{self.raw_dir / file}: cannot read a file the manifest lists ({error}); rerun the parse stage") from None
         return array
 
     def row(self, file: str, row: int) -> np.ndarray:
@@ -555,8 +580,7 @@ def load_signals(manifest: pd.DataFrame, raw_dir: Path | str) -> np.ndarray:
     cache = _FileCache(Path(raw_dir))
     files, rows = manifest.file.astype(str).to_numpy(), manifest.row.to_numpy(dtype=np.int64)
     out: np.ndarray | None = None
-    for file in pd.unique(files):
-        positions = np.flatnonzero(files == file)
+    for file, positions in pd.Series(files).groupby(files, sort=False).indices.items():
         array = cache.array(file)
         if out is None:
             out = np.empty((len(manifest), array.shape[-1]), dtype=np.float32)

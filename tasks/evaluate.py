@@ -27,7 +27,7 @@ from sklearn.metrics import (  # noqa: E402
 )
 
 from tasks.config import Params  # noqa: E402
-from tasks.data import load_signals  # noqa: E402
+from tasks.data import load_signals, read_manifest  # noqa: E402
 from tasks.io import atomic_path, write_json, write_text  # noqa: E402
 from tasks.model import HybridCWTNet, load_checkpoint  # noqa: E402
 from tasks.paths import ArtifactPaths, artifact_paths  # noqa: E402
@@ -96,7 +96,7 @@ def run(params: Params) -> EvaluateResult:
     paths = artifact_paths(params)
     model, checkpoint = load_checkpoint(paths.model)
     classes: list[str] = checkpoint["class_names"]
-    manifest = pd.read_csv(paths.split_manifest)
+    manifest = read_manifest(paths.split_manifest)
     test = manifest[manifest.split == "test"].reset_index(drop=True)
     logits = predict_logits(model, load_signals(test, Path(params.base.raw_dir)))
     index = {name: i for i, name in enumerate(classes)}

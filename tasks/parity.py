@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pandas as pd
 
 from tasks.config import Params, ParityConfig
-from tasks.data import load_signals
+from tasks.data import load_signals, read_manifest
 from tasks.errors import CwtopsError
 from tasks.evaluate import predict_logits
 from tasks.export import INPUT_NAME, OUTPUT_NAME, read_metadata
@@ -100,7 +100,7 @@ def run(params: Params) -> ParityResult:
         mismatch = f"ONNX {metadata.get('filter_bank_sha256')} vs checkpoint {checkpoint['filter_bank_sha256']}"
     else:
         mismatch = ""
-    manifest = pd.read_csv(paths.split_manifest)
+    manifest = read_manifest(paths.split_manifest)
     test_signals = load_signals(manifest[manifest.split == "test"], Path(params.base.raw_dir))
     session = onnx_session(paths.onnx)
     cases = check_cases(model, session, _cases(test_signals, cfg, test_signals.shape[1], params.base.seed), cfg)

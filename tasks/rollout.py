@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import tempfile
 import time
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from tasks.config import Params
 from tasks.errors import CwtopsError
 from tasks.services import state_dir
 
+log = logging.getLogger(__name__)
 STATUS_TAG = "deployment_status"  # serving | rolling_out | failed | retired
 REASON_TAG = "deployment_reason"
 TIME_TAG = "deployment_time"
@@ -101,6 +103,18 @@ def reconcile(params: Params, url: str | None = None, retry_failed: bool = False
     return RolloutOutcome(**{**outcome.__dict__, "seconds": time.monotonic() - started})
 
 
+def _mark_retired(params: Params, version: int) -> None:
+    """Best effort: the old version may have been published by hand, outside the registry."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks.registry import set_version_tags
+
+    try:
+        set_version_tags(params, version, {STATUS_TAG: "retired", TIME_TAG: _now()})
+    except MlflowException as error:
+        log.warning("could not tag retired version %s: %s", version, error)
+
+
 def _roll_out(params: Params, desired: int, actual: int | None, url: str | None) -> RolloutOutcome:
     from tasks.registry import download_version, set_version_tags
     from tasks.triton_publish import publish_version, served_version
@@ -116,5 +130,5 @@ def _roll_out(params: Params, desired: int, actual: int | None, url: str | None)
         return RolloutOutcome("failed", desired, actual, served_version(params, url), reason)
     set_version_tags(params, desired, {STATUS_TAG: "serving", TIME_TAG: _now()})
     if actual is not None and actual != desired:
-        set_version_tags(params, actual, {STATUS_TAG: "retired", TIME_TAG: _now()})
+        _mark_retired(params, actual)
     return RolloutOutcome("rolled_out", desired, actual, desired)

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from tasks.config import Params, TrainConfig
-from tasks.data import load_signals
+from tasks.data import load_signals, read_manifest
 from tasks.errors import CwtopsError
 from tasks.io import atomic_path, sha256_file, write_json
 from tasks.model import HybridCWTNet, ModelArgs, checkpoint_dict, trainable_parameters
@@ -239,7 +239,7 @@ def run(params: Params) -> TrainResult:
     cfg, paths = params.train, artifact_paths(params)
     device = select_device(cfg)
     configure_backend(cfg, device)
-    manifest = pd.read_csv(paths.split_manifest)
+    manifest = read_manifest(paths.split_manifest)
     classes = sorted(manifest.loc[manifest.split == "train", "label"].unique())
     raw_dir = Path(params.base.raw_dir)
     signal_length = int(load_signals(manifest.head(1), raw_dir).shape[1])

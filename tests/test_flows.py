@@ -29,21 +29,13 @@ def params(in_project: Path):
     return load_params()
 
 
-def _copy_version(params, source_version: int) -> int:
-    """A new registry version with the same files and tags (what a retrain with equal data gives)."""
-    from mlflow import MlflowClient
+def _new_version(params) -> int:
+    """A new registry version: a new tracked run of the same artifacts, registered (what a retrain gives)."""
+    from tasks.registry import register
+    from tasks.track import run as track_run
 
-    from tasks.tracking import tracking_uri
-
-    client = MlflowClient(tracking_uri=tracking_uri(params))
-    name = params.base.model_name
-    source = client.get_model_version(name, str(source_version))
-    keep = {k: v for k, v in source.tags.items() if not k.startswith("deployment_")}
-    created = client.create_model_version(name, source.source, run_id=source.run_id, tags=keep)
-    deadline = time.monotonic() + 60
-    while client.get_model_version(name, created.version).status != "READY" and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return int(created.version)
+    track_run(params)
+    return register(params).version
 
 
 def _wait_served(params, url: str, version: int, timeout: float) -> float:
@@ -74,7 +66,7 @@ def test_webhook_promotion_rolls_out_within_15_seconds(harness, in_project: Path
     from tasks.rollout import reconcile
 
     reconcile(params)  # start from a converged state
-    newer = _copy_version(params, resolve_version(params, None))
+    newer = _new_version(params)
     secret = "test-secret-" + str(time.time())
     start_receiver(params, str(in_project / "params.yaml"), secret)
     receiver = f"http://{params.rollout.webhook_host}:{params.rollout.webhook_port}/mlflow/webhook"
@@ -94,7 +86,7 @@ def test_reconciler_converges_without_webhook(in_project: Path, params, triton_s
     from tasks.rollout import reconcile
 
     current = resolve_version(params, None)
-    newer = _copy_version(params, current)
+    newer = _new_version(params)
     promote(params, newer)
     outcome = reconcile(params)
     assert outcome.action == "rolled_out" and outcome.served == newer
@@ -110,7 +102,7 @@ def test_version_with_corrupted_onnx_is_not_rolled_out(in_project: Path, params,
     from tasks.triton_publish import served_version
 
     serving = served_version(params, triton_server) or resolve_version(params, None)
-    bad = _copy_version(params, serving)
+    bad = _new_version(params)
     client = MlflowClient(tracking_uri=tracking_uri(params))
     client.set_model_version_tag(params.base.model_name, str(bad), "onnx_sha256", "0" * 64)  # what tampering looks like
     promote(params, bad)
