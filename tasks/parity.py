@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import pandas as pd
 
 from tasks.config import Params, ParityConfig
 from tasks.data import load_signals, read_manifest
