@@ -2,131 +2,269 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from tasks.errors import CwtopsError
 from tasks.weights import (
+    FilterBank,
     WeightFileError,
     format_weight_file,
     generate_filter_bank,
     parse_weight_file,
     parse_weight_text,
+    summarize,
+    write_weight_file,
 )
 
 CWTOPS = str(Path(sys.executable).parent / "cwtops")
+THREE = [[1.0, 2.0, 3.0], [4.0], [0.5, -650.0]]  # conv5, conv6, conv7 in the small files below
 
 
-def small(text: str):
+def small(text: str) -> FilterBank:
+    """Parse a three-layer file: conv5 .. conv7."""
     return parse_weight_text(text, "w.txt", first_layer=5, last_layer=7)
 
 
+def as_lists(bank: FilterBank) -> list[list[float]]:
+    return [taps.tolist() for taps in bank.filters]
+
+
+# ----------------------------------------------------------------------------- round trips
+
+
 @pytest.mark.parametrize("wavelet", ["morlet", "ricker"])
-def test_generate_format_parse_round_trip_is_exact(wavelet: str) -> None:
+def test_generate_format_parse_round_trip_is_exact(wavelet: str, tmp_path: Path) -> None:
     bank, header = generate_filter_bank(wavelet=wavelet)
-    parsed = parse_weight_text(format_weight_file(bank, header))
-    assert parsed.names[0] == "conv5" and parsed.names[-1] == "conv116" and len(parsed.names) == 112
-    assert all(np.array_equal(a, b) for a, b in zip(bank.filters, parsed.filters))
-    assert len(set(bank.lengths)) > 10 and all(n % 2 == 1 for n in bank.lengths)
+    path = write_weight_file(tmp_path / "my.txt", bank, header)
+    parsed = parse_weight_file(path)
+    assert parsed.names == tuple(f"conv{i}" for i in range(5, 117))
+    assert all(a.dtype == np.float32 and a.tobytes() == b.tobytes() for a, b in zip(bank.filters, parsed.filters))
+    assert parsed.sha256() == bank.sha256()
+    assert parse_weight_text(format_weight_file(parsed)).sha256() == bank.sha256()  # no header needed
+
+
+def test_extreme_float32_values_round_trip_exactly() -> None:
+    info = np.finfo(np.float32)
+    taps = np.array([info.max, -info.max, info.tiny, info.smallest_subnormal, -0.0, 1 / 3, np.pi, 1e-45], dtype=np.float32)
+    bank = FilterBank(("conv5", "conv6", "conv7"), (taps, taps[:1], taps[::-1]))
+    parsed = small(format_weight_file(bank))
+    assert [a.tobytes() for a in parsed.filters] == [a.tobytes() for a in bank.filters]
+
+
+def test_generated_bank_is_a_real_cwt_filter_bank() -> None:
+    bank, header = generate_filter_bank()
+    frequencies = np.array(header["centre_frequencies"])
+    assert len(bank.names) == 112 and header["scales"] == 112 and header["wavelet"] == "morlet"
+    assert frequencies[0] == pytest.approx(0.4) and frequencies[-1] == pytest.approx(0.004)
+    assert np.allclose(frequencies[1:] / frequencies[:-1], frequencies[1] / frequencies[0])  # geometric
+    assert all(n % 2 == 1 and n <= 257 for n in bank.lengths) and len(set(bank.lengths)) > 30
+    assert header["lengths"] == list(bank.lengths) and header["capped"] == bank.lengths.count(257)
+    for taps in bank.filters:
+        assert abs(float(taps.astype(np.float64).sum())) < 1e-5  # zero mean (admissible)
+        assert np.linalg.norm(taps.astype(np.float64)) == pytest.approx(1.0, abs=1e-5)
+    ratio = np.array(header["peak_frequencies"]) / frequencies
+    assert np.all(np.abs(ratio - 1) < 0.15), ratio  # each filter responds where its header says
+    assert generate_filter_bank()[0].sha256() == bank.sha256()  # deterministic
+
+
+def test_ricker_bank_and_generator_arguments() -> None:
+    bank, header = generate_filter_bank(scales=20, wavelet="ricker", first_layer=1)
+    assert bank.names[0] == "conv1" and bank.names[-1] == "conv20" and header["w0"] is None
+    ratio = np.array(header["peak_frequencies"]) / np.array(header["centre_frequencies"])
+    assert np.all(np.abs(ratio[1:] - 1) < 0.2), ratio  # the first sits at Nyquist, aliased
+    for bad in ({"wavelet": "haar"}, {"scales": 0}, {"max_length": 256}, {"f_min": 0.0}, {"f_max": 0.6}):
+        with pytest.raises(CwtopsError):
+            generate_filter_bank(**bad)  # type: ignore[arg-type]
+
+
+def test_header_comment_records_wavelet_and_centre_frequencies() -> None:
+    bank, header = generate_filter_bank(scales=12)
+    text = format_weight_file(bank, header)
+    comments = [line for line in text.splitlines() if line.startswith("#")]
+    assert any("wavelet: morlet" in line for line in comments)
+    assert any("0.4 " in line for line in comments) and any(" 0.004" in line for line in comments)
+    assert sum(line.startswith("conv") for line in text.splitlines()) == 12
+
+
+# ----------------------------------------------------------------------------- accepted variations
 
 
 @pytest.mark.parametrize(
     "text",
     [
-        "conv5.weight: tensor([[[1.0, 2.0, 3.0]]])\nconv6.weight: tensor([[[4.0]]])\nconv7.weight: tensor([[[5e-1, -6.5E+2]]])",
-        "conv5.weight = tensor([1.0, 2.0, 3.0])\nconv6 = tensor([4.0])\nconv7: tensor([[[5e-1,\n   -6.5E+2]]], requires_grad=True)",
-        "conv5.weight\ntensor([[[1.0, 2.0, 3.0]]])\nconv6.weight: Parameter containing:\ntensor([[[4.0]]], requires_grad=True)\nconv7.weight: tensor([[[0.5, -650.]]], dtype=torch.float32)",
-        "# header\nconv5.weight: tensor([[[1.0,2.0,3.0]]])\nconv5.bias: tensor([0.1])\nconv6.weight: tensor([[[4.0]]])\n\nconv7.weight: tensor([[[0.5],[-650.0]]])",
+        "conv5.weight: tensor([[[1.0, 2.0, 3.0]]])\nconv6.weight: tensor([[[4.0]]])\nconv7.weight: tensor([[[0.5, -650.]]])",
+        "conv5.weight = tensor([1.0, 2.0, 3.0])\nconv6 = tensor([4.0])\nconv7: tensor([[[5e-1,\n   -6.5E+2]]])",
+        "conv5.weight\ntensor([[[1.0, 2.0, 3.0]]])\nconv6\n\ntensor([4])\nconv7.weight:\n  tensor([[[0.5, -650.0]]])",
+        "conv5.weight: Parameter containing:\ntensor([[[1.0, 2.0, 3.0]]], requires_grad=True)\n"
+        "conv6.weight = Parameter containing:\ntensor([[[4.0]]], dtype=torch.float32, requires_grad=True)\n"
+        "conv7.weight: tensor([[[0.5, -650.0]]], device='cuda:0', grad_fn=<ViewBackward0>)",
+        "# header line\nconv5.weight: tensor([[[1.0,2.0,3.0]]])  # trailing comment\nconv5.bias: tensor([0.1])\n"
+        "conv6.weight: tensor([[[4.0]]])\nconv6.bias: Parameter containing:\ntensor([-0.2], requires_grad=True)\n\n"
+        "conv7.weight: tensor([[[0.5],[-650.0]]])\nconv7.bias: tensor(0.3)\n",
+        "\ufeffconv5.weight: tensor([[[ 1.0000000000e+00,  2.0000000000e+00,\n           3.0000000000e+00]]])\r\n"
+        "conv6.weight: tensor([[[ 4.]]])\r\nconv7.weight: tensor([[[ 5.0000e-01, -6.5000e+02]]])\r\n",
+        "conv5.weight: tensor([[[1.0, 2.0, 3.0]]])\nconv6.weight: tensor([[[4.0]]], dtype=torch.float64)\n"
+        "conv7.weight: tensor([[[ 0.5],\n         [-650.0]]], size=(1, 2, 1))",
     ],
+    ids=["colon", "equals-no-suffix-sci", "newline", "parameter-keywords", "comments-bias", "bom-crlf-wrapped", "singleton-dims"],
 )
 def test_accepted_variations(text: str) -> None:
     bank = small(text)
     assert bank.names == ("conv5", "conv6", "conv7")
-    assert [list(f) for f in bank.filters] == [[1.0, 2.0, 3.0], [4.0], [0.5, -650.0]]
+    assert as_lists(bank) == THREE and bank.lengths == (3, 1, 2)
+    assert all(taps.dtype == np.float32 and taps.ndim == 1 for taps in bank.filters)
 
 
-def test_real_torch_print_parses(tmp_path: Path) -> None:
+def test_real_torch_full_print_parses(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    convs = {i: torch.nn.Conv1d(1, 1, 1 + i % 9 + (i % 3) * 11) for i in range(5, 117)}
     torch.set_printoptions(profile="full", precision=10)
     try:
-        convs = {i: torch.nn.Conv1d(1, 1, 3 + i % 9) for i in range(5, 117)}
-        text = "".join(f"conv{i}.weight: {c.weight}\nconv{i}.bias: {c.bias}\n" for i, c in convs.items())
+        text = "".join(f"conv{i}.weight: {conv.weight}\nconv{i}.bias: {conv.bias}\n" for i, conv in convs.items())
     finally:
         torch.set_printoptions(profile="default")
     (tmp_path / "my.txt").write_text(text)
     bank = parse_weight_file(tmp_path / "my.txt")
-    for (i, conv), taps in zip(convs.items(), bank.filters):
+    assert bank.lengths == tuple(conv.kernel_size[0] for conv in convs.values())
+    for conv, taps in zip(convs.values(), bank.filters):
         assert np.allclose(taps, conv.weight.detach().numpy().ravel(), rtol=1e-6, atol=1e-9)
 
 
 def test_default_print_with_elided_numbers_is_refused() -> None:
     conv = torch.nn.Conv1d(1, 1, 1100)
-    text = "conv5.weight: tensor([[[1.0]]])\n" + f"conv6.weight: {conv.weight}\n"
-    with pytest.raises(WeightFileError, match=r"line 2, layer conv6: the numbers were elided") as error:
+    text = "conv5.weight: tensor([[[1.0]]])\n" + f"conv6.weight: {conv.weight}\nconv7.weight: tensor([1.0])\n"
+    assert "..." in text  # PyTorch summarised the 1100 taps
+    with pytest.raises(WeightFileError, match=r"^w\.txt, line 3, layer conv6: the numbers were elided") as error:
         small(text)
-    assert "profile" in str(error.value)
+    assert 'profile="full"' in str(error.value)
+
+
+# ----------------------------------------------------------------------------- refusals
+
+GOOD6, GOOD7 = "conv6.weight: tensor([4.0])\n", "conv7.weight: tensor([0.5, -650.0])\n"
 
 
 @pytest.mark.parametrize(
-    "text, message",
+    "text, line, layer, fragment",
     [
-        ("", "empty"),
-        ("# only a comment\n\n", "empty"),
-        ("conv5.weight: hello", "line 1, layer conv5: 'conv5.weight: hello' is not a printed tensor"),
-        ("conv5.weight: tensor([[1.0, nan]])\nconv6.weight: tensor([1.])\nconv7.weight: tensor([1.])", "layer conv5: contains nan"),
-        ("conv5.weight: tensor([1.0])\nconv6.weight: tensor([inf])\nconv7.weight: tensor([1.])", "line 2, layer conv6: contains inf"),
-        ("conv5.weight: tensor([1.0])\nconv7.weight: tensor([1.])", "layer conv6 is missing"),
-        ("conv5.weight: tensor([1.0])\nconv5.weight: tensor([1.0])", "duplicated"),
-        ("conv5.weight: tensor([1.0])\nconv7.weight: tensor([1.])\nconv6.weight: tensor([1.])", "line 3, layer conv6: out of order"),
-        ("conv5.weight: tensor([[1.0, 2.0], [3.0, 4.0]])", "not 1-D after dropping singleton"),
-        ("conv5.weight: tensor([[1.0, 2.0], [3.0]])", "ragged"),
-        ("conv5.weight: tensor([[1.0, 2.0]", "never close"),
-        ("conv5.weight: tensor([[1.0, 2.0]] junk", "missing '\\)'"),
-        ("conv5.weight: tensor([1.0, abc])", "'abc' is not a number"),
-        ("garbage before\nconv5.weight: tensor([1.0])", "line 1"),
+        ("conv5.weight: hello", 1, "conv5", "'conv5.weight: hello' is not a printed tensor"),
+        ("conv5.weight: tensor(hello)", 1, "conv5", "expected '[' or a number"),
+        ("conv5.weight: tensor([1.0])\nconv6.weight: tensor([[[1.0,\n   2.0, nan]]])\n" + GOOD7, 3, "conv6", "contains nan (NaN or Inf)"),
+        ("conv5.weight: tensor([1.0])\n" + GOOD6 + "conv7.weight: tensor([1.0, -inf])", 3, "conv7", "contains -inf (NaN or Inf)"),
+        ("conv5.weight: tensor([1e39])\n" + GOOD6 + GOOD7, 1, "conv5", "beyond the float32 range"),
+        ("conv5.weight: tensor([1.0, 2.0])\n" + GOOD7, 2, None, "layer conv6 is missing (conv7 comes right after conv5)"),
+        ("conv5.weight: tensor([1.0, 2.0])\n" + GOOD6, 2, None, "layer conv7 is missing (the file ends after conv6)"),
+        (GOOD6 + GOOD7, 1, None, "layer conv5 is missing (conv6 comes first)"),
+        ("conv5.weight: tensor([1.0])\n" + GOOD6 + "conv5.weight: tensor([2.0])\n" + GOOD7, 3, "conv5", "duplicated layer (first defined at line 1)"),
+        ("conv5.weight: tensor([1.0])\n" + GOOD7 + GOOD6, 3, "conv6", "out of order (comes after conv7, line 2)"),
+        ("conv5.weight: tensor([1.0])\n" + GOOD6 + GOOD7 + "conv8.weight: tensor([1.0])", 4, "conv8", "unexpected layer"),
+        ("conv5.weight: tensor([[[1., 2., 3., 4., 5.]],\n  [[1., 2., 3., 4., 5.]]])", 1, "conv5", "shape [2, 1, 5], not 1-D"),
+        ("conv5.weight: tensor([])\n" + GOOD6 + GOOD7, 1, "conv5", "the filter is empty"),
+        ("conv5.weight: tensor([[1.0, 2.0],\n  [3.0]])", 2, "conv5", "ragged nested brackets (numbers per row: 2 then 1)"),
+        ("conv5.weight: tensor([[[1., 2.]],\n [[3., 4.], [5., 6.]]])", 2, "conv5", "ragged nested brackets (rows per level: 1 then 2)"),
+        ("conv5.weight: tensor([[1.0],\n [[2.0]]])", 1, "conv5", "rows at different depths"),
+        ("conv5.weight: tensor([[1.0, 2.0],\n 3.0])", 1, "conv5", "numbers and brackets are mixed"),
+        ("conv5.weight: tensor([[1.0, 2.0] 3.0])", 1, "conv5", "numbers and brackets are mixed"),
+        ("conv5.weight: tensor([[1.0, 2.0]\n", 1, "conv5", "brackets never close"),
+        ("conv5.weight: tensor([[1.0, 2.0]] junk", 1, "conv5", "unexpected text after the tensor's closing bracket"),
+        ("conv5.weight: tensor([1.0,\n abc])", 2, "conv5", "'abc' is not a number"),
+        ("conv5.weight: tensor([1_000])", 1, "conv5", "'1_000' is not a number"),
+        ("garbage before\nconv5.weight: tensor([1.0])", 1, None, "'garbage before' is not a printed tensor"),
+        ("conv5.weight: tensor([1.0])\nstray words\n" + GOOD6, 2, None, "'stray words' is not a printed tensor (after layer conv5)"),
+        ("conv5.weight: tensor([1.0])\ntensor([2.0])", 2, None, "a tensor without a layer name after layer conv5"),
+        ("conv5.weight: tensor([1.0])\n" + GOOD6 + "conv7.weight: tensor([0.5, \u2026])", 3, None, "unexpected character '\u2026' (U+2026)"),
+        ("conv5.weight: tensor([1.0])\nconv5.bias: tensor([nan])\n" + GOOD6 + GOOD7, 2, "conv5", "contains nan"),
+        ("conv5.weight: tensor([1.0])\nconv5.bias: tensor([[1.0], [2.0, 3.0]])\n" + GOOD6 + GOOD7, 2, "conv5", "ragged"),
     ],
 )
-def test_refusals_name_line_and_layer(text: str, message: str) -> None:
-    with pytest.raises(WeightFileError, match=message.replace("(", r"\(").replace("[", r"\[")):
+def test_refusals_name_line_layer_and_problem(text: str, line: int, layer: str | None, fragment: str) -> None:
+    where = f"w.txt, line {line}" + (f", layer {layer}" if layer else "")
+    with pytest.raises(WeightFileError, match="^" + re.escape(where) + r"\b") as error:
         small(text)
+    assert fragment in str(error.value)
+    assert ";" in str(error.value)  # followed by what to do
 
 
-def test_binary_and_zero_byte_files_are_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("text, fragment", [("", "is empty (0 bytes)"), ("  \n# only a comment\n\n", "only whitespace and comments")])
+def test_empty_files_are_refused(text: str, fragment: str, tmp_path: Path) -> None:
+    (tmp_path / "w.txt").write_text(text)
+    with pytest.raises(WeightFileError, match=re.escape(fragment)):
+        parse_weight_file(tmp_path / "w.txt")
+
+
+def test_binary_files_are_refused_with_byte_offset(tmp_path: Path) -> None:
     (tmp_path / "junk.txt").write_bytes(b"conv5.weight: tensor([1.0])\n\xff\xfe\x00junk")
-    with pytest.raises(WeightFileError, match="not a text file"):
+    with pytest.raises(WeightFileError, match=r"not a text file: byte 0xff is not UTF-8 text at byte offset 28 \(line 2\)"):
         parse_weight_file(tmp_path / "junk.txt")
-    (tmp_path / "empty.txt").write_bytes(b"")
-    with pytest.raises(WeightFileError, match="empty"):
-        parse_weight_file(tmp_path / "empty.txt")
+    (tmp_path / "nul.txt").write_bytes(b"conv5.weight: tensor([1.0])\n\x00\x01")
+    with pytest.raises(WeightFileError, match=r"control byte 0x00 at byte offset 28"):
+        parse_weight_file(tmp_path / "nul.txt")
+    with pytest.raises(WeightFileError, match="not found"):
+        parse_weight_file(tmp_path / "absent.txt")
 
 
-def test_padded_matrix_equals_per_filter_same_convolution() -> None:
+# ----------------------------------------------------------------------------- the bank
+
+
+def test_padded_matrix_reproduces_per_filter_same_convolution() -> None:
     rng = np.random.default_rng(0)
-    text = "\n".join(f"conv{i}.weight: tensor({[float(x) for x in rng.standard_normal(int(k)).round(6)]})" for i, k in zip(range(5, 117), rng.integers(2, 40, 112)))
-    bank = parse_weight_text(text)
-    matrix, lengths = bank.padded()
-    signal = torch.randn(1, 1, 300)
-    fused = torch.nn.functional.conv1d(signal, torch.from_numpy(matrix)[:, None, :], padding=(matrix.shape[1] - 1) // 2)
-    for row, taps in enumerate(bank.filters):
-        single = torch.nn.functional.conv1d(signal, torch.from_numpy(taps).view(1, 1, -1), padding="same")
-        assert torch.allclose(fused[0, row], single[0, 0], atol=1e-5)
-    assert list(lengths) == list(bank.lengths)
+    lengths = [1, 2, 3, 4, 16, 17, 40, 60, *rng.integers(1, 60, 24)]  # longest even: K = 61
+    bank = FilterBank(tuple(f"conv{i}" for i in range(len(lengths))), tuple(rng.standard_normal(int(k)) for k in lengths))
+    matrix, widths = bank.padded()
+    assert matrix.shape == (len(lengths), 61) and matrix.dtype == np.float32 and widths.tolist() == list(bank.lengths)
+    signal = torch.from_numpy(rng.standard_normal((2, 1, 300)))  # float64: compare placement, not rounding
+    fused = torch.nn.functional.conv1d(signal, torch.from_numpy(matrix).double()[:, None, :], padding=(matrix.shape[1] - 1) // 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # even kernels with padding='same'
+        for row, taps in enumerate(bank.filters):
+            conv = torch.nn.Conv1d(1, 1, taps.size, padding="same", bias=False).double()
+            conv.weight.data = torch.from_numpy(taps).double().view(1, 1, -1)
+            single = conv(signal)[:, 0]
+            assert (fused[:, row] - single).abs().max().item() < 1e-6, f"filter {row} (length {taps.size})"
+
+
+def test_filter_bank_is_validated_frozen_and_summarised() -> None:
+    with pytest.raises(CwtopsError, match="one filter per name"):
+        FilterBank(("conv5", "conv6"), (np.ones(3),))
+    with pytest.raises(CwtopsError, match="layer conv5: a filter must be a non-empty 1-D array"):
+        FilterBank(("conv5",), (np.ones((2, 2)),))
+    bank = FilterBank(("conv5", "conv6"), (np.array([3.0, 4.0]), np.ones(9)))
+    with pytest.raises(ValueError):
+        bank.filters[0][0] = 1.0  # read-only: the hash cannot go stale
+    summary = summarize(bank)
+    assert summary["layers"] == 2 and summary["first"] == "conv5" and summary["last"] == "conv6"
+    assert summary["lengths"] == [2, 9] and (summary["min_length"], summary["max_length"]) == (2, 9)
+    assert summary["norms"] == [5.0, 3.0] and (summary["min_norm"], summary["max_norm"]) == (3.0, 5.0)
+    assert summary["sha256"] != summarize(FilterBank(("conv5", "conv6"), (np.array([3.0, 4.0]), np.ones(8))))["sha256"]
+
+
+# ----------------------------------------------------------------------------- command line
 
 
 def test_cli_generate_then_check(tmp_path: Path) -> None:
     out = tmp_path / "W.txt"
-    assert subprocess.run([CWTOPS, "weights", "generate", "--out", str(out)], capture_output=True).returncode == 0
+    made = subprocess.run([CWTOPS, "weights", "generate", "--out", str(out)], capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    assert "112" in made.stdout and out.exists()
     done = subprocess.run([CWTOPS, "weights", "check", str(out)], capture_output=True, text=True)
-    assert done.returncode == 0
+    assert done.returncode == 0, done.stderr
     assert "112 layers" in done.stdout and "conv5" in done.stdout and "conv116" in done.stdout
+    assert "filter lengths 17 .. 257" in done.stdout and "L2 norms" in done.stdout
 
 
-def test_cli_check_refuses_elided_file_with_nonzero_exit(tmp_path: Path) -> None:
+def test_cli_check_refuses_unusable_files_with_nonzero_exit(tmp_path: Path) -> None:
     bad = tmp_path / "bad.txt"
     bad.write_text(f"conv5.weight: {torch.nn.Conv1d(1, 1, 1100).weight}\n")
     done = subprocess.run([CWTOPS, "weights", "check", str(bad)], capture_output=True, text=True)
-    assert done.returncode != 0
-    assert "conv5" in done.stderr and "elided" in done.stderr
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("error: ") and "layer conv5" in done.stderr and "elided" in done.stderr
+    done = subprocess.run([CWTOPS, "weights", "check", str(tmp_path / "absent.txt")], capture_output=True, text=True)
+    assert done.returncode == 2 and "not found" in done.stderr
