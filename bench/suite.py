@@ -8,7 +8,7 @@ from pathlib import Path
 
 from bench.common import RESULTS_DIR, write_json
 
-BENCHMARKS = ("bench_frontend", "bench_parser", "bench_onnx", "bench_train", "bench_serving")
+BENCHMARKS = ("bench_frontend", "bench_parser", "bench_onnx", "bench_train", "bench_serving", "bench_mlflow")
 
 
 def run_all(quick: bool = False, only: list[str] | None = None, out: Path = RESULTS_DIR / "suite.json") -> dict:
@@ -24,7 +24,8 @@ def run_all(quick: bool = False, only: list[str] | None = None, out: Path = RESU
             print(f"\n{name}: FAILED: {error}")
         results[name]["seconds"] = time.perf_counter() - tick
     summary = {name: result.get("holds") for name, result in results.items()}
-    print("\ntargets: " + ", ".join(f"{name.removeprefix('bench_')} {'holds' if ok else 'MISSED'}" for name, ok in summary.items()))
+    verdict = {True: "holds", False: "MISSED", None: "not measured"}
+    print("\ntargets: " + ", ".join(f"{name.removeprefix('bench_')} {verdict[ok]}" for name, ok in summary.items()))
     write_json(out, {"quick": quick, "seconds": time.perf_counter() - started, "results": results, "targets": summary})
     print(f"wrote {out}")
     return results

@@ -1,4 +1,4 @@
-"""`cwtops mlflow start|stop|status`, `cwtops register`, `cwtops promote`, `cwtops models`."""
+"""`cwtops mlflow start|stop|status`, `cwtops register`, `cwtops promote VERSION`, `cwtops models`."""
 
 from __future__ import annotations
 
@@ -13,12 +13,17 @@ mlflow_app = typer.Typer(help="The local MLflow tracking server (127.0.0.1, SQLi
 
 
 @mlflow_app.command("start")
-def start_command(params_path: Path = ParamsOption, port: int | None = typer.Option(None, help="override mlflow.port")) -> None:
-    """Start the server (no-op when one already answers)."""
+def start_command(
+    params_path: Path = ParamsOption,
+    port: int | None = typer.Option(None, help="override mlflow.port"),
+    wait: float = typer.Option(60.0, help="seconds to wait for /health"),
+) -> None:
+    """Start the server (a no-op when one already answers) and wait until it is healthy."""
     from tasks.tracking import start
 
-    info = start(load_params(params_path), port=port)
-    typer.echo(f"MLflow {'started' if info['started'] else 'already running'} at {info['uri']} (pid {info['pid']})")
+    info = start(load_params(params_path), port=port, wait=wait)
+    state = f"started in {info['seconds']:.1f} s" if info["started"] else "already running"
+    typer.echo(f"MLflow {state} at {info['uri']} (pid {info['pid']}, log {info['log']})")
 
 
 @mlflow_app.command("stop")
@@ -31,23 +36,27 @@ def stop_command(params_path: Path = ParamsOption) -> None:
 
 @mlflow_app.command("status")
 def status_command(params_path: Path = ParamsOption) -> None:
-    """Tracking URI, health, PID and log file."""
+    """Tracking URI, health, PID, store, artifacts and log file."""
     from tasks.tracking import status
 
-    for key, value in status(load_params(params_path)).items():
-        typer.echo(f"{key}: {value}")
+    info = status(load_params(params_path))
+    for key, value in info.items():
+        typer.echo(f"{key + ':':<23}{value}")
+    if info["healthy"] is False:
+        raise typer.Exit(1)
 
 
 def register_command(params_path: Path = ParamsOption) -> None:
-    """Register the parity-checked ONNX export as a new MLflow model version."""
+    """Register the parity-checked ONNX export as a new MLflow model version (reads disk only)."""
     from tasks.registry import register
 
     result = register(load_params(params_path))
-    typer.echo(f"{'registered' if result.created else 'already registered as'} version {result.version} (run {result.run_id})")
+    state = "registered" if result.created else "already registered as"
+    typer.echo(f"{state} version {result.version} (run {result.run_id}, onnx sha256 {result.onnx_sha256[:12]})")
 
 
 def promote_command(version: int = typer.Argument(..., help="model version to serve"), params_path: Path = ParamsOption) -> None:
-    """Set the `production` alias on VERSION (what the MLflow UI does); the rollout follows."""
+    """Set the alias `production` on VERSION (what the MLflow UI does); the rollout follows."""
     from tasks.registry import promote
 
     params = load_params(params_path)
@@ -56,17 +65,25 @@ def promote_command(version: int = typer.Argument(..., help="model version to se
 
 
 def models_command(params_path: Path = ParamsOption) -> None:
-    """Registered versions with their key metric, aliases and deployment status."""
+    """Registered versions: key metric, aliases, deployment status, creation time."""
     from tasks.registry import list_versions
 
     params = load_params(params_path)
-    typer.echo(f"{'version':>7}  {params.rollout.metric:>12}  {'aliases':<12}  {'deployment':<12}  created")
-    for row in list_versions(params):
-        metric = f"{row['metric']:.4f}" if row["metric"] is not None else "-"
-        typer.echo(f"{row['version']:>7}  {metric:>12}  {','.join(row['aliases']) or '-':<12}  {row['deployment_status'] or '-':<12}  {row['created']}")
+    rows = list_versions(params)
+    if not rows:
+        typer.echo(f"no registered versions of {params.base.model_name}")
+        return
+    metric = f"test_{params.rollout.metric}"
+    typer.echo(f"{'version':>7}  {metric:>16}  {'aliases':<12}  {'deployment':<12}  {'created':<20}  run")
+    for row in rows:
+        value = f"{row['metric']:.4f}" if row["metric"] is not None else "-"
+        aliases = ",".join(row["aliases"]) or "-"
+        status = row["deployment_status"] or "-"
+        typer.echo(f"{row['version']:>7}  {value:>16}  {aliases:<12}  {status:<12}  {row['created']:<20}  {row['run_id']}")
 
 
 def register(app: typer.Typer) -> None:
+    """Add this area's commands to the `cwtops` app."""
     app.add_typer(mlflow_app, name="mlflow")
     app.command("register")(register_command)
     app.command("promote")(promote_command)

@@ -43,6 +43,11 @@ class Service:
         except (OSError, ValueError):
             return None
         try:
+            if os.waitpid(pid, os.WNOHANG) != (0, 0):  # our own child that exited: reap it
+                raise ProcessLookupError
+        except ChildProcessError:
+            pass  # not our child (started by another process): ask the kernel below
+        try:
             os.kill(pid, 0)
         except ProcessLookupError:
             self.pid_file.unlink(missing_ok=True)

@@ -1,10 +1,12 @@
 """Stage `track`: mirror one pipeline run into MLflow (the files on disk stay the source of truth).
 
-Params (flattened params.yaml), per-epoch metrics in one batch, test metrics, parity figures,
-the percent confusion matrix and learning curves as figures, the classification report, a
-per-class gallery of scalograms, the parity report and the ONNX file; lineage tags (DVC hashes
-of the raw data and the weight file, split-manifest and filter-bank hashes, git commit); the
-training split as an MLflow dataset input. Writes artifacts/track/run.json.
+One MLflow run per pipeline run (or the run named by `CWTOPS_MLFLOW_RUN_ID`, when an
+orchestrator opened it): params (flattened params.yaml), per-epoch metrics in batches, test
+metrics, parity figures, the percent confusion matrix and learning curves as figures, the
+classification report, a per-class gallery of scalograms, the parity report and the ONNX file;
+lineage tags (DVC hashes of the raw data and the weight file, split-manifest and filter-bank
+hashes, git commit); the training split as an MLflow dataset input. Writes
+artifacts/track/run.json last, so an unreachable server leaves the artifacts as they were.
 """
 
 from __future__ import annotations
@@ -13,190 +15,404 @@ import json
 import os
 import subprocess
 import time
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
+import numpy as np
+import pandas as pd
+import yaml
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-import yaml  # noqa: E402
+from tasks.config import Params, flatten
+from tasks.errors import CwtopsError
+from tasks.io import sha256_file, write_json
+from tasks.paths import ArtifactPaths, artifact_paths
+from tasks.tracking import bounded_client_retries, ensure_server, is_connection_error, require_reachable, unreachable
 
-from tasks.config import Params, flatten  # noqa: E402
-from tasks.data import load_signals  # noqa: E402
-from tasks.errors import CwtopsError  # noqa: E402
-from tasks.evaluate import plot_confusion  # noqa: E402
-from tasks.io import sha256_file, write_json  # noqa: E402
-from tasks.paths import ArtifactPaths, artifact_paths  # noqa: E402
-from tasks.tracking import ensure_server, require_reachable  # noqa: E402
+if TYPE_CHECKING:  # torch and matplotlib load only when figures are drawn: `register` imports lineage from here
+    import torch
+    from matplotlib.figure import Figure
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
 
 RUN_ENV = "CWTOPS_MLFLOW_RUN_ID"
+MAX_ENTITIES_PER_BATCH = 1000  # MLflow's log_batch limits (metrics: 1000 as well)
+MAX_PARAMS_PER_BATCH = 100
+MAX_TAGS_PER_BATCH = 100
+GALLERY_PER_CLASS = 4
+ScalogramFn = Callable[["torch.Tensor"], "torch.Tensor"]  # (n, 1, L) -> (n, S, T)
 
 
 @dataclass(frozen=True)
 class TrackResult:
     run_id: str
     experiment_id: str
+    tracking_uri: str
     run_url: str
-    calls: int
+    created: bool  # False when the run came from CWTOPS_MLFLOW_RUN_ID
     seconds: float
 
 
-def _dvc_hash(dvc_file: Path) -> str:
+# ---------------------------------------------------------------- lineage
+
+
+def dvc_hash(dvc_file: Path) -> str:
+    """`outs[0].md5` of a `.dvc` file ("untracked" when the file is absent or has none)."""
     try:
         return str(yaml.safe_load(dvc_file.read_text())["outs"][0]["md5"])
-    except (OSError, KeyError, IndexError, TypeError):
+    except (OSError, KeyError, IndexError, TypeError, yaml.YAMLError):
         return "untracked"
 
 
-def git_commit(root: Path = Path(".")) -> str:
+def _git(root: Path, *args: str) -> str | None:
     try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    commit = done.stdout.strip()
-    if done.returncode or not commit:
-        return "unknown"
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True)
-    return commit + ("-dirty" if dirty.stdout.strip() else "")
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def git_commit(root: Path = Path(".")) -> str:
+    """`git rev-parse HEAD`, or "unknown" outside a repository."""
+    return _git(root, "rev-parse", "HEAD") or "unknown"
+
+
+def git_dirty(root: Path = Path(".")) -> str:
+    """"true" when tracked files differ from HEAD (dvc.lock excluded: a repro rewrites it)."""
+    changes = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock")
+    return "unknown" if changes is None else str(bool(changes)).lower()
+
+
+def _dvc_file(path: Path) -> Path:
+    return path.with_name(path.name + ".dvc")
 
 
 def lineage(params: Params) -> dict[str, str]:
-    """Where a model came from: data, weights, split, filter bank, code."""
+    """Where a model came from: data, weights, split, filter bank, code (run and version tags)."""
     paths = artifact_paths(params)
-    raw, weights = Path(params.base.raw_dir), Path(params.base.weights)
     bank = json.loads(paths.filter_bank_summary.read_text())
     return {
-        "data_dvc_md5": _dvc_hash(raw.with_name(raw.name + ".dvc")),
-        "weights_dvc_md5": _dvc_hash(weights.with_name(weights.name + ".dvc")),
+        "data_dvc_md5": dvc_hash(_dvc_file(Path(params.base.raw_dir))),
+        "weights_dvc_md5": dvc_hash(_dvc_file(Path(params.base.weights))),
         "split_manifest_sha256": sha256_file(paths.split_manifest),
-        "filter_bank_sha256": bank["sha256"],
+        "filter_bank_sha256": str(bank["sha256"]),
         "git_commit": git_commit(),
+        "git_dirty": git_dirty(),
     }
 
 
-def learning_curves(history: pd.DataFrame) -> plt.Figure:
-    figure, (loss_axes, score_axes) = plt.subplots(1, 2, figsize=(10, 4))
-    for column in ("train_loss", "val_loss"):
-        loss_axes.plot(history.epoch, history[column], label=column)
-    for column in ("val_accuracy", "val_macro_f1"):
-        score_axes.plot(history.epoch, history[column], label=column)
-    for axes, title in ((loss_axes, "loss"), (score_axes, "validation")):
+# ---------------------------------------------------------------- metrics (pure)
+
+
+def epoch_metrics(history: pd.DataFrame, timestamp_ms: int) -> list[Metric]:
+    """One metric per history column and epoch, step = epoch (`seconds` becomes epoch_seconds)."""
+    from mlflow.entities import Metric
+
+    names = {column: "epoch_seconds" if column == "seconds" else column for column in history.columns if column != "epoch"}
+    return [
+        Metric(name, float(value), timestamp_ms, int(epoch))
+        for column, name in names.items()
+        for epoch, value in zip(history["epoch"], history[column], strict=True)
+        if pd.notna(value)
+    ]
+
+
+def final_metrics(test: dict, summary: dict, parity: dict, timestamp_ms: int) -> list[Metric]:
+    """Test metrics (`test_` prefix), training summary and parity figures, at step 0."""
+    from mlflow.entities import Metric
+
+    values = {f"test_{k}": v for k, v in test.items()}
+    summary_keys = ("epochs_run", "best_epoch", "best_val_macro_f1", "seconds")
+    values |= {k if k != "seconds" else "train_seconds": summary.get(k) for k in summary_keys}
+    values |= {f"parity_{k}": parity.get(k) for k in ("max_abs_error", "max_rel_error", "argmax_agreement")}
+    values["parity_passed"] = 1.0 if parity.get("passed") is True else 0.0
+    return [Metric(k, float(v), timestamp_ms, 0) for k, v in values.items() if _is_number(v)]
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+
+def batch_plan(metrics: Sequence[Any], params: Sequence[Any], tags: Sequence[Any]) -> list[tuple[list, list, list]]:
+    """(metrics, params, tags) per `log_batch` call: as few calls as MLflow's limits allow
+    (1000 entities, 1000 metrics, 100 params, 100 tags per request)."""
+    metrics, params, tags = list(metrics), list(params), list(tags)
+    plan = []
+    while metrics or params or tags:
+        chunk_params, params = params[:MAX_PARAMS_PER_BATCH], params[MAX_PARAMS_PER_BATCH:]
+        chunk_tags, tags = tags[:MAX_TAGS_PER_BATCH], tags[MAX_TAGS_PER_BATCH:]
+        room = MAX_ENTITIES_PER_BATCH - len(chunk_params) - len(chunk_tags)
+        chunk_metrics, metrics = metrics[:room], metrics[room:]
+        plan.append((chunk_metrics, chunk_params, chunk_tags))
+    return plan
+
+
+# ---------------------------------------------------------------- figures (pure)
+
+
+def pyplot() -> ModuleType:
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def learning_curves(history: pd.DataFrame) -> Figure:
+    """Losses and validation scores per epoch, side by side."""
+    figure, (loss_axes, score_axes) = pyplot().subplots(1, 2, figsize=(10, 4))
+    for axes, columns, title in ((loss_axes, ("train_loss", "val_loss"), "loss"),
+                                 (score_axes, ("val_accuracy", "val_macro_f1"), "validation")):
+        for column in columns:
+            if column in history:
+                axes.plot(history["epoch"], history[column], marker=".", label=column)
         axes.set_xlabel("epoch")
         axes.set_title(title)
+        axes.grid(alpha=0.3)
         axes.legend()
     figure.tight_layout()
     return figure
 
 
-def scalogram_gallery(params: Params, per_class: int = 4) -> plt.Figure:
-    """A row per class of example scalograms (log scale), tiled with torchvision's make_grid."""
+def confusion_figure(confusion: dict) -> Figure:
+    """The percent confusion matrix (rows: true class), drawn as the evaluate stage draws it."""
+    from tasks.evaluate import plot_confusion
+
+    percent = np.asarray(confusion["percent"], dtype=float)
+    return plot_confusion(percent, list(confusion["labels"]), "confusion matrix (% of true class)")
+
+
+def scalogram_gallery(
+    examples: dict[str, np.ndarray], scalogram_fn: ScalogramFn, per_class: int = GALLERY_PER_CLASS
+) -> Figure:
+    """A row per class of example scalograms (log scale), tiled with torchvision's make_grid.
+
+    `examples` maps class name -> signals [n, L]; `scalogram_fn` maps (n, 1, L) -> (n, S, T).
+    """
+    import torch
     from torchvision.utils import make_grid
 
-    from tasks.model import load_checkpoint
-
-    paths = artifact_paths(params)
-    model, checkpoint = load_checkpoint(paths.model)
-    manifest = pd.read_csv(paths.split_manifest)
-    test = manifest[manifest.split == "test"]
-    classes = checkpoint["class_names"]
-    figure, axes = plt.subplots(len(classes), 1, figsize=(12, 1.6 * len(classes)), squeeze=False)
-    for row, label in enumerate(classes):
-        examples = test[test.label == label].head(per_class)
-        signals = torch.from_numpy(load_signals(examples, Path(params.base.raw_dir))).unsqueeze(1)
+    figure, axes = pyplot().subplots(len(examples), 1, figsize=(12, 1.8 * len(examples) + 0.6), squeeze=False)
+    for row, (label, signals) in enumerate(examples.items()):
+        panel = axes[row, 0]
+        panel.set_xticks([])
+        panel.set_yticks([])
+        panel.set_ylabel(label, rotation=0, ha="right", va="center")
+        if len(signals) == 0:
+            panel.text(0.5, 0.5, "no test signals", ha="center", va="center", transform=panel.transAxes)
+            continue
         with torch.no_grad():
-            images = torch.log1p(model.scalogram(signals)).unsqueeze(1)  # (n, 1, S, T)
-        grid = make_grid(images, nrow=per_class, padding=4, normalize=True, scale_each=True, pad_value=1.0)
-        axes[row, 0].imshow(grid[0].numpy(), aspect="auto", cmap="magma", origin="upper")
-        axes[row, 0].set_ylabel(label, rotation=0, ha="right", va="center")
-        axes[row, 0].set_xticks([])
-        axes[row, 0].set_yticks([])
-    figure.suptitle("test-split scalograms per class (scale rows: high frequency at top)")
+            images = torch.log1p(scalogram_fn(torch.from_numpy(signals[:per_class]).float().unsqueeze(1)))  # (n, S, T)
+        blanks = images.new_zeros((per_class - len(images), *images.shape[1:]))  # equal tile widths in every row
+        grid = make_grid(torch.cat([images, blanks]).unsqueeze(1), nrow=per_class, padding=4,
+                         normalize=True, scale_each=True, pad_value=1.0)
+        panel.imshow(grid[0].numpy(), aspect="auto", cmap="magma", interpolation="nearest")
+    figure.suptitle("test-split scalograms per class, log scale (rows: filters in bank order; columns: time)")
     figure.tight_layout()
     return figure
 
 
-def _log_metrics(client, run_id: str, paths: ArtifactPaths) -> int:  # noqa: ANN001
-    from mlflow.entities import Metric
+# ---------------------------------------------------------------- inputs from disk
+
+
+REQUIRED = ("model", "history", "metrics", "confusion_json", "report_txt", "report_json", "onnx", "parity_report",
+            "split_manifest", "filter_bank_summary")
+
+
+def _check_inputs(paths: ArtifactPaths) -> None:
+    missing = [str(getattr(paths, name)) for name in REQUIRED if not getattr(paths, name).exists()]
+    if missing:
+        raise CwtopsError(f"track: missing {', '.join(missing)}; run the pipeline up to parity first (`dvc repro parity`)")
+
+
+def gallery_examples(
+    params: Params, classes: list[str], per_class: int = GALLERY_PER_CLASS
+) -> dict[str, np.ndarray]:
+    """The first `per_class` test signals of each class, read through the split manifest."""
+    from tasks.data import load_signals
+
+    manifest = pd.read_csv(artifact_paths(params).split_manifest)
+    test = manifest[manifest["split"] == "test"]
+    examples = {}
+    for label in classes:
+        rows = test[test["label"].astype(str) == label].head(per_class)
+        examples[label] = load_signals(rows, Path(params.base.raw_dir)) if len(rows) else np.zeros((0, 0), np.float32)
+    return examples
+
+
+def _checkpoint_gallery(params: Params) -> Figure:
+    from tasks.model import load_checkpoint
+
+    model, checkpoint = load_checkpoint(artifact_paths(params).model)
+    # `scalogram` is the front-end applied to the standardised signal: what the head sees.
+    return scalogram_gallery(gallery_examples(params, list(checkpoint["class_names"])), model.scalogram)
+
+
+# ---------------------------------------------------------------- logging
+
+
+def _experiment_id(client: MlflowClient, name: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:  # the UI opens a classic-ML experiment in its "Model training" view
+        return client.create_experiment(name, tags={"mlflow.experimentKind": "custom_model_development"})
+    except MlflowException:  # created by a concurrent run in between
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def _open_run(client: MlflowClient, params: Params) -> tuple[str, str, bool]:
+    """(run_id, experiment_id, created): the orchestrator's run when named, else a new one."""
+    from mlflow.exceptions import MlflowException
+
+    given = os.environ.get(RUN_ENV)
+    if given:
+        try:
+            run = client.get_run(given)
+        except MlflowException as error:
+            if is_connection_error(error):
+                raise
+            raise CwtopsError(f"{RUN_ENV}={given}: no such MLflow run ({error.message}); unset it to create a run") from None
+        return given, run.info.experiment_id, False
+    experiment_id = _experiment_id(client, params.mlflow.experiment)
+    name = f"{params.base.model_name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    run = client.create_run(experiment_id, run_name=name)  # tags follow in the first log_batch
+    return run.info.run_id, experiment_id, True
+
+
+def run_note(model_name: str, test: dict, parity: dict, lineage_tags: dict[str, str]) -> str:
+    """The run's description (markdown): headline metrics, parity, lineage."""
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float))
+    checked = "passed" if parity.get("passed") is True else "FAILED"
+    return (
+        f"Pipeline run of **{model_name}**. Test: {scores} ({test.get('n_test', '?')} signals). "
+        f"ONNX parity {checked} (max abs error {parity.get('max_abs_error', float('nan')):.2e}).\n\n"
+        f"Data `{lineage_tags['data_dvc_md5']}`, weights `{lineage_tags['weights_dvc_md5']}`, "
+        f"commit `{lineage_tags['git_commit']}`."
+    )
+
+
+def _run_tags(params: Params, paths: ArtifactPaths, lineage_tags: dict[str, str]) -> dict[str, str]:
+    test, parity = json.loads(paths.metrics.read_text()), json.loads(paths.parity_report.read_text())
+    note = run_note(params.base.model_name, test, parity, lineage_tags)
+    return {**lineage_tags, "model_name": params.base.model_name, "mlflow.source.git.commit": lineage_tags["git_commit"],
+            "mlflow.source.type": "JOB", "mlflow.source.name": "cwtops stage track", "mlflow.note.content": note}
+
+
+def _log_values(client: MlflowClient, run_id: str, params: Params, paths: ArtifactPaths, tags: dict[str, str]) -> int:
+    """Params, tags, per-epoch and final metrics in as few `log_batch` calls as the limits allow."""
+    from mlflow.entities import Param, RunTag
 
     now = int(time.time() * 1000)
-    history = pd.read_csv(paths.history)
-    metrics = [
-        Metric(column, float(value), now, int(epoch))
-        for column in history.columns.drop(["epoch", "seconds"])
-        for epoch, value in zip(history.epoch, history[column])
-    ]
-    final = json.loads(paths.metrics.read_text())
-    parity = json.loads(paths.parity_report.read_text())
-    metrics += [Metric(f"test_{k}", float(v), now, 0) for k, v in final.items()]
-    metrics += [Metric(f"parity_{k}", float(parity[k]), now, 0) for k in ("max_abs_error", "max_rel_error", "argmax_agreement")]
-    calls = 0
-    for start in range(0, len(metrics), 1000):  # MLflow's batch limit
-        client.log_batch(run_id, metrics=metrics[start : start + 1000])
-        calls += 1
-    return calls
+    summary = json.loads(paths.train_summary.read_text()) if paths.train_summary.exists() else {}
+    metrics = epoch_metrics(pd.read_csv(paths.history), now) + final_metrics(
+        json.loads(paths.metrics.read_text()), summary, json.loads(paths.parity_report.read_text()), now
+    )
+    flat = [Param(key, value[:6000]) for key, value in flatten(params).items()]  # 6000: MLflow's value limit
+    plan = batch_plan(metrics, flat, [RunTag(key, value) for key, value in tags.items()])
+    for chunk_metrics, chunk_params, chunk_tags in plan:
+        client.log_batch(run_id, metrics=chunk_metrics, params=chunk_params, tags=chunk_tags)
+    return len(plan)
 
 
-def _log_files(client, run_id: str, paths: ArtifactPaths, params: Params) -> int:  # noqa: ANN001
-    history = pd.read_csv(paths.history)
-    confusion = json.loads(paths.confusion_json.read_text())
-    figures = {
-        "confusion_matrix.png": plot_confusion(np.array(confusion["percent"]), confusion["labels"], "confusion (% of true class)"),
-        "learning_curves.png": learning_curves(history),
-        "scalogram_gallery.png": scalogram_gallery(params),
+def _log_figures(client: MlflowClient, run_id: str, params: Params, paths: ArtifactPaths) -> None:
+    drawers = {
+        "confusion_matrix.png": lambda: confusion_figure(json.loads(paths.confusion_json.read_text())),
+        "learning_curves.png": lambda: learning_curves(pd.read_csv(paths.history)),
+        "scalogram_gallery.png": lambda: _checkpoint_gallery(params),
     }
-    for name, figure in figures.items():
-        client.log_figure(run_id, figure, f"figures/{name}")
-        plt.close(figure)
+    for name, draw in drawers.items():
+        figure = draw()
+        try:
+            client.log_figure(run_id, figure, f"figures/{name}")
+        finally:
+            pyplot().close(figure)
+
+
+def _log_files(client: MlflowClient, run_id: str, paths: ArtifactPaths) -> None:
     files = [(paths.report_txt, "evaluation"), (paths.report_json, "evaluation"), (paths.confusion_json, "evaluation"),
-             (paths.predictions, "evaluation"), (paths.history, "training"), (paths.train_summary, "training"),
-             (paths.parity_report, "parity"), (paths.onnx, "onnx")]
+             (paths.metrics, "evaluation"), (paths.predictions, "evaluation"), (paths.history, "training"),
+             (paths.train_summary, "training"), (paths.parity_report, "parity"), (paths.onnx, "onnx")]
     for path, folder in files:
-        client.log_artifact(run_id, str(path), folder)
-    return len(figures) + len(files)
+        if path.exists():  # predictions and summary are optional mirrors
+            client.log_artifact(run_id, str(path), folder)
 
 
-def _log_dataset(run_id: str, paths: ArtifactPaths, params: Params, data_hash: str) -> None:
+def _log_training_data(client: MlflowClient, run_id: str, params: Params, paths: ArtifactPaths, data_hash: str) -> None:
+    """The split manifest's train rows as an MLflow dataset: source = raw dir, digest = DVC hash."""
     import mlflow
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     manifest = pd.read_csv(paths.split_manifest)
-    dataset = mlflow.data.from_pandas(
-        manifest[manifest.split == "train"], source=str(Path(params.base.raw_dir).resolve()), name="train", digest=data_hash[:36]
-    )
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_input(dataset, context="training")
+    raw_dir = Path(params.base.raw_dir)
+    with warnings.catch_warnings():  # a local path matches two equivalent source types; int columns
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(
+            manifest[manifest["split"] == "train"].reset_index(drop=True),
+            source=str(raw_dir.resolve()), targets="label", name=f"{raw_dir.name}-train",
+            digest=data_hash if data_hash != "untracked" else None,  # a DVC dir hash is 36 chars: MLflow's limit
+        )
+        entity = dataset._to_mlflow_entity()  # what mlflow.log_input sends, without an active run
+    tags = [InputTag(MLFLOW_DATASET_CONTEXT, "training"), InputTag("dvc_md5", data_hash)]
+    client.log_inputs(run_id, datasets=[DatasetInput(entity, tags)])
+
+
+def _mirror(client: MlflowClient, run_id: str, params: Params, paths: ArtifactPaths, tags: dict[str, str]) -> None:
+    _log_values(client, run_id, params, paths, tags)
+    _log_training_data(client, run_id, params, paths, tags["data_dvc_md5"])
+    _log_figures(client, run_id, params, paths)
+    _log_files(client, run_id, paths)
 
 
 def run(params: Params) -> TrackResult:
-    """Log this pipeline run into MLflow and record the run id next to the other artifacts."""
-    import mlflow
+    """Log this pipeline run into MLflow and record the run next to the other artifacts."""
     from mlflow import MlflowClient
 
     started = time.perf_counter()
     paths = artifact_paths(params)
+    _check_inputs(paths)
+    tags = _run_tags(params, paths, lineage(params))
     uri = ensure_server(params)
-    require_reachable(uri)
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(params.mlflow.experiment)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(params.mlflow.experiment)
-    tags = lineage(params)
-    run_id = os.environ.get(RUN_ENV) or client.create_run(experiment_id, tags={"mlflow.runName": f"pipeline-{tags['split_manifest_sha256'][:8]}"}).info.run_id
-    from mlflow.entities import Param, RunTag
-
-    client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in flatten(params).items()], tags=[RunTag(k, v) for k, v in tags.items()])
-    calls = 2 + _log_metrics(client, run_id, paths) + _log_files(client, run_id, paths, params)
-    _log_dataset(run_id, paths, params, tags["data_dvc_md5"])
-    client.set_terminated(run_id)
-    run_url = f"{uri}/#/experiments/{experiment_id}/runs/{run_id}"
+    with bounded_client_retries():
+        require_reachable(uri)
+        client = MlflowClient(tracking_uri=uri)
+        try:
+            run_id, experiment_id, created = _open_run(client, params)
+            _log_and_close(client, run_id, created, params, paths, tags)
+        except Exception as error:
+            if is_connection_error(error):
+                raise unreachable(uri, f"lost during tracking: {type(error).__name__}") from error
+            raise
+    run_url = f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
     write_json(paths.track_run, {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": uri, "run_url": run_url})
-    return TrackResult(run_id, experiment_id, run_url, calls + 2, time.perf_counter() - started)
+    return TrackResult(run_id, experiment_id, uri, run_url, created, time.perf_counter() - started)
+
+
+def _log_and_close(
+    client: MlflowClient, run_id: str, created: bool, params: Params, paths: ArtifactPaths, tags: dict[str, str]
+) -> None:
+    """Mirror everything; a run we opened ends FINISHED, or FAILED when logging broke off."""
+    try:
+        _mirror(client, run_id, params, paths, tags)
+    except Exception as error:
+        if created and not is_connection_error(error):
+            client.set_terminated(run_id, "FAILED")
+        raise
+    if created:  # an orchestrator's run is ended by the orchestrator
+        client.set_terminated(run_id, "FINISHED")
 
 
 def load_run(params: Params) -> dict:
+    """artifacts/track/run.json (run_id, experiment_id, tracking_uri, run_url)."""
     path = artifact_paths(params).track_run
     if not path.exists():
         raise CwtopsError(f"{path}: no tracked run; run the track stage (`dvc repro track`) first")
