@@ -17,8 +17,6 @@ $(BIN)/cwtops: pyproject.toml
 # its own folder, unpacked without its dependencies, so the main resolver never sees it.
 $(TRITON)/.installed:
 	$(BIN)/pip install -q --no-deps --target $(TRITON) nvidia-pytriton==$(PYTRITON_VERSION)
-	$(PY) -m venv $(TRITON)/venv
-	$(TRITON)/venv/bin/pip install -q "numpy<2" "onnxruntime>=1.20,<2"
 	touch $@
 
 setup: $(BIN)/cwtops $(TRITON)/.installed

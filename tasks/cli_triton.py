@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from tasks.config import DEFAULT_PARAMS, load_params
+from tasks.config import DEFAULT_PARAMS, Params, load_params
 from tasks.errors import CwtopsError
 
 ParamsOption = typer.Option(DEFAULT_PARAMS, "--params", help="params file")
@@ -21,16 +21,18 @@ def start_command(
     http_port: int | None = typer.Option(None, help="override triton.http_port"),
     grpc_port: int | None = typer.Option(None, help="override triton.grpc_port"),
     metrics_port: int | None = typer.Option(None, help="override triton.metrics_port"),
+    wait: float = typer.Option(60.0, help="seconds to wait for readiness"),
 ) -> None:
-    """Start tritonserver (no-op when it already answers); loads what the repository holds."""
+    """Start tritonserver (reports the running one instead); loads what the repository holds."""
     from tasks.triton_server import start
 
-    typer.echo(f"Triton {start(load_params(params_path), http_port, grpc_port, metrics_port)}")
+    info = start(load_params(params_path), wait, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port)
+    typer.echo(f"Triton {info}")
 
 
 @triton_app.command("stop")
 def stop_command(params_path: Path = ParamsOption) -> None:
-    """Stop the server this project started."""
+    """Stop the server this checkout started."""
     from tasks.triton_server import stop
 
     typer.echo("stopped" if stop(load_params(params_path)) else "not running")
@@ -38,61 +40,77 @@ def stop_command(params_path: Path = ParamsOption) -> None:
 
 @triton_app.command("status")
 def status_command(params_path: Path = ParamsOption) -> None:
-    """URL, readiness, PID, log file and the versions served."""
-    from tasks.triton_publish import served_versions
+    """URL, readiness, PID, log file and the versions each model serves."""
     from tasks.triton_server import status
 
-    params = load_params(params_path)
-    info = status(params)
-    for key, value in info.items():
-        typer.echo(f"{key}: {value}")
-    if info["ready"]:
-        typer.echo(f"{params.base.model_name} versions READY: {served_versions(info['url'], params.base.model_name)}")
+    info = status(load_params(params_path))
+    for key in ("url", "ready", "pid", "log"):
+        typer.echo(f"{key}: {info[key]}")
+    for model, state in info["models"].items():
+        typer.echo(f"model {model}: {state}")
+
+
+def next_version_on_disk(params: Params) -> int:
+    """1 + the highest version folder of the model in the repository (1 for a new model)."""
+    folder = Path(params.triton.model_repository) / params.base.model_name
+    versions = [int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()] if folder.is_dir() else []
+    return max(versions, default=0) + 1
 
 
 def publish_command(
-    version: int | None = typer.Argument(None, help="registry version (default: `production`, else the newest)"),
+    version: int | None = typer.Argument(None, help="registry version (default: the `production` alias, else the newest)"),
     onnx_path: Path | None = typer.Option(None, "--onnx", help="publish this local ONNX file instead of a registry version"),
+    reference: Path | None = typer.Option(None, help="with --onnx: parity reference .npz (default artifacts/parity/reference.npz when present)"),
     params_path: Path = ParamsOption,
 ) -> None:
-    """Publish a model version to Triton: write it atomically, load it, check it, retire the old one."""
+    """Publish a model version to Triton: write it atomically, load it, check it, retire the others."""
     from tasks.paths import artifact_paths
     from tasks.triton_publish import publish_version
 
     params = load_params(params_path)
     if onnx_path is not None:
-        if version is None:
-            raise CwtopsError("--onnx needs an explicit VERSION number for the model repository")
-        reference = artifact_paths(params).reference
-        result = publish_version(onnx_path, version, params, reference=reference if reference.exists() else None)
+        version = version if version is not None else next_version_on_disk(params)
+        default_reference = artifact_paths(params).reference
+        reference = reference or (default_reference if default_reference.exists() else None)
+        result = publish_version(onnx_path, version, params, reference=reference)
     else:
+        if reference is not None:
+            raise CwtopsError("--reference goes with --onnx; a registry version brings its own reference")
         from tasks.registry import download_version, resolve_version
 
         version = resolve_version(params, version)
         with tempfile.TemporaryDirectory(prefix="cwtops-publish-") as scratch:
             files = download_version(params, version, Path(scratch))
-            result = publish_version(files.onnx, version, params, reference=files.reference)
-    typer.echo(f"Triton serves {result.model} version {result.version} (retired {result.retired or 'none'}, served parity max abs error {result.served_max_abs_error})")
+            result = publish_version(files.onnx, files.version, params, reference=files.reference)
+    checked = "not checked (no reference)" if result.served_max_abs_error is None else f"served max abs error {result.served_max_abs_error:.3g}"
+    typer.echo(f"Triton serves {result.model} version {result.version} ({checked}; retired {result.retired or 'none'})")
+
+
+def read_signals(file: Path) -> np.ndarray:
+    """A .npy of one signal [L] or many [N, L] / [N, 1, L], as float32 (other float types converted)."""
+    try:
+        signals = np.load(file, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise CwtopsError(f"{file}: not a readable .npy file ({error})") from None
+    if not np.issubdtype(signals.dtype, np.floating):
+        raise CwtopsError(f"{file}: dtype {signals.dtype}; expected floating-point signals")
+    return signals.astype(np.float32, copy=False)
 
 
 def predict_command(
     file: Path = typer.Argument(..., help=".npy file: one signal [L] or many [N, L]"),
-    url: str | None = typer.Option(None, help="Triton HTTP address (default from params)"),
+    url: str | None = typer.Option(None, help="Triton HTTP host:port (default: the running server, else params)"),
     model: str | None = typer.Option(None, help="model name (default base.model_name)"),
-    version: int | None = typer.Option(None, help="model version (default: what Triton serves)"),
+    version: int | None = typer.Option(None, help="model version (default: the one Triton serves)"),
     top_k: int = typer.Option(3, "--top-k", min=1, help="classes to show per signal"),
     params_path: Path = ParamsOption,
 ) -> None:
-    """Classify signals through Triton and print class names with probabilities."""
+    """Classify signals through Triton; print class names with probabilities."""
     from tasks.triton_client import classify
     from tasks.triton_server import http_url
 
     params = load_params(params_path)
-    try:
-        signals = np.load(file, allow_pickle=False)
-    except Exception as error:
-        raise CwtopsError(f"{file}: not a readable .npy file ({error})") from None
-    results = classify(url or http_url(params), model or params.base.model_name, signals, top_k=top_k, version=version)
+    results = classify(url or http_url(params), model or params.base.model_name, read_signals(file), top_k=top_k, version=version)
     for index, ranked in enumerate(results):
         typer.echo(f"signal {index}: " + ", ".join(f"{name} {probability:.4f}" for name, probability in ranked))
 

@@ -1,79 +1,116 @@
-"""Client code shared by `cwtops predict`, publishing, the rollout and the tests (tritonclient.http)."""
+"""Client code shared by `cwtops predict`, publishing, the rollout, the tests and the benchmark.
+
+Thin wrappers over `tritonclient.http`: signals in (`[L]`, `[N, L]` or `[N, 1, L]`, float32),
+logits out, large inputs sent in chunks of the model's max_batch_size, every failure a
+CwtopsError that names the server, the model and what to do.
+"""
 
 from __future__ import annotations
 
-import os
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tasks.errors import CwtopsError
+from tasks.triton_server import admin_headers
 
-INPUT_NAME, OUTPUT_NAME = "signal", "logits"
-
-
-def connect(url: str, concurrency: int = 1):  # noqa: ANN201
+if TYPE_CHECKING:
     import tritonclient.http as httpclient
 
-    return httpclient.InferenceServerClient(url=url.removeprefix("http://"), concurrency=concurrency, network_timeout=120.0)
+INPUT_NAME, OUTPUT_NAME = "signal", "logits"
+__all__ = ["INPUT_NAME", "OUTPUT_NAME", "admin_headers", "as_batch", "class_names", "classify", "connect", "infer", "softmax"]
 
 
-def admin_headers() -> dict[str, str] | None:
-    """The secret header for Triton's restricted model-repository API, when one is configured."""
-    from tasks.triton_server import API_KEY_ENV, API_KEY_HEADER
+def connect(url: str, concurrency: int = 1, timeout: float = 120.0) -> httpclient.InferenceServerClient:
+    """An HTTP client for host:port (one per thread: tritonclient.http clients are not thread-safe)."""
+    import tritonclient.http as httpclient
 
-    key = os.environ.get(API_KEY_ENV)
-    return {API_KEY_HEADER: key} if key else None
+    return httpclient.InferenceServerClient(
+        url=url.removeprefix("http://"), concurrency=concurrency, connection_timeout=timeout, network_timeout=timeout
+    )
+
+
+@contextmanager
+def triton_errors(url: str, model: str) -> Iterator[None]:
+    """Turn tritonclient and socket errors into CwtopsError naming the server and the model."""
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        yield
+    except InferenceServerException as error:
+        raise CwtopsError(f"Triton at {url}, model '{model}': {error.message()}") from None
+    except OSError as error:  # refused, reset, timed out
+        raise CwtopsError(f"Triton is not reachable at {url} ({error}); start it with `cwtops triton start`") from None
 
 
 def as_batch(signals: np.ndarray) -> np.ndarray:
-    """[L], [N, L] or [N, 1, L] -> [N, 1, L] float32 (other dtypes are refused, not cast)."""
+    """[L], [N, L] or [N, 1, L] float32 -> a contiguous [N, 1, L] (other dtypes are refused, not cast)."""
     array = np.asarray(signals)
     if array.dtype != np.float32:
         raise CwtopsError(f"signals have dtype {array.dtype}; the served model takes float32 (convert with .astype(np.float32))")
-    if array.ndim == 1:
-        array = array[None, None, :]
-    elif array.ndim == 2:
-        array = array[:, None, :]
-    if array.ndim != 3 or array.shape[1] != 1 or len(array) == 0:
-        raise CwtopsError(f"signals have shape {list(np.shape(signals))}; expected [L], [N, L] or [N, 1, L] with N >= 1")
+    if array.ndim in (1, 2):
+        array = array.reshape(-1, 1, array.shape[-1])
+    if array.ndim != 3 or array.shape[1] != 1 or array.shape[0] == 0 or array.shape[2] == 0:
+        raise CwtopsError(f"signals have shape {list(np.shape(signals))}; expected [L], [N, L] or [N, 1, L] with N, L >= 1")
     return np.ascontiguousarray(array)
 
 
-def infer(url: str, model: str, signals: np.ndarray, version: int | None = None, max_batch: int = 64, client=None) -> np.ndarray:  # noqa: ANN001
-    """Logits [N, C] for signals, sent in chunks of at most `max_batch`."""
+def max_batch_size(url: str, model: str, client: httpclient.InferenceServerClient | None = None) -> int:
+    """The model's max_batch_size as Triton serves it (0: the model takes no batch axis)."""
+    with triton_errors(url, model):
+        return int((client or connect(url)).get_model_config(model).get("max_batch_size", 0))
+
+
+def infer(url: str, model: str, signals: np.ndarray, version: int | None = None, *, max_batch: int | None = None,
+          client: httpclient.InferenceServerClient | None = None) -> np.ndarray:
+    """Logits [N, C] for the signals; chunks of at most max_batch (default: the model's max_batch_size)."""
     import tritonclient.http as httpclient
-    from tritonclient.utils import InferenceServerException
 
     batch = as_batch(signals)
     client = client or connect(url)
+    if max_batch is None:
+        max_batch = max_batch_size(url, model, client) if len(batch) > 1 else 1
+    if max_batch < 1:
+        raise CwtopsError(f"model '{model}' at {url} has max_batch_size 0; publish it with triton.max_batch_size >= 1")
     outputs = []
     for start in range(0, len(batch), max_batch):
         chunk = batch[start : start + max_batch]
         tensor = httpclient.InferInput(INPUT_NAME, list(chunk.shape), "FP32")
         tensor.set_data_from_numpy(chunk, binary_data=True)
-        try:
-            result = client.infer(model, [tensor], model_version=str(version or ""), outputs=[httpclient.InferRequestedOutput(OUTPUT_NAME, binary_data=True)])
-        except InferenceServerException as error:
-            raise CwtopsError(f"Triton at {url} refused the request for model '{model}': {error.message()}") from None
+        requested = [httpclient.InferRequestedOutput(OUTPUT_NAME, binary_data=True)]
+        with triton_errors(url, model):
+            result = client.infer(model, [tensor], model_version=str(version or ""), outputs=requested)
         outputs.append(result.as_numpy(OUTPUT_NAME))
     return np.concatenate(outputs)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    """Row-wise probabilities, computed in float64 so tiny probabilities do not underflow early."""
+    shifted = np.exp(logits.astype(np.float64) - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
-def class_names(url: str, model: str) -> list[str]:
-    """The labels file Triton serves for the model (its classification extension reads the same)."""
-    config = connect(url).get_model_config(model)
-    labels = config.get("parameters", {}).get("class_names", {}).get("string_value", "")
-    return labels.split(",") if labels else []
+def class_names(url: str, model: str, client: httpclient.InferenceServerClient | None = None) -> list[str]:
+    """Class names from the served config (`parameters.class_names`, the same list as labels.txt)."""
+    with triton_errors(url, model):
+        config = (client or connect(url)).get_model_config(model)
+    raw = config.get("parameters", {}).get("class_names", {}).get("string_value", "")
+    try:
+        names = json.loads(raw) if raw else []
+    except ValueError:
+        names = []
+    return [str(name) for name in names] if isinstance(names, list) else []
 
 
 def classify(url: str, model: str, signals: np.ndarray, top_k: int = 3, version: int | None = None) -> list[list[tuple[str, float]]]:
-    """For each signal, the top-k (class name, probability) pairs."""
-    probabilities = softmax(infer(url, model, signals, version).astype(np.float64))
-    names = class_names(url, model) or [str(i) for i in range(probabilities.shape[1])]
-    ranked = np.argsort(-probabilities, axis=1)[:, :top_k]
+    """For each signal, the top-k (class name, probability) pairs, most probable first."""
+    client = connect(url)
+    probabilities = softmax(infer(url, model, signals, version, client=client))
+    names = class_names(url, model, client)
+    if len(names) != probabilities.shape[1]:
+        names = [f"class {i}" for i in range(probabilities.shape[1])]
+    ranked = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
     return [[(names[i], float(row[i])) for i in order] for row, order in zip(probabilities, ranked)]

@@ -1,19 +1,28 @@
-"""A real local Triton Inference Server (2.51, from the nvidia-pytriton wheel in `.triton/`).
+"""A real local Triton Inference Server (2.51, from the nvidia-pytriton wheel unpacked in `.triton/`).
 
-The wheel has no native ONNX Runtime backend, so start-up assembles a backend directory with
+The wheel has no native ONNX Runtime backend, so start-up assembles a backend directory from
 Triton's Python backend and a Python-based backend named `onnxruntime`
 (tasks/triton_backend/model.py): every model whose config says `platform: "onnxruntime_onnx"`
-loads through it, the same config.pbtxt the NGC container serves natively. The server binds to
-127.0.0.1, runs with explicit model control, and loads at start every model whose version
-folders are already in the repository (so a restarted server serves what was published).
+loads through it, the same config.pbtxt the NGC container serves natively. The backend's stub
+runs this project's Python environment (onnxruntime, numpy). The server binds to 127.0.0.1, runs
+with explicit model control, and loads at start every model whose version folders are already in
+the repository, so a restarted server serves what was published.
+
+With `CWTOPS_TRITON_API_KEY` set, the model-repository API (load, unload, index) and the logging
+and trace APIs answer only requests that carry the header `cwtops-api-key: <key>`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
 import shutil
+import signal
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasks.config import Params
@@ -23,7 +32,11 @@ from tasks.services import Service, http_ok, state_dir
 TRITON = Service("triton")
 API_KEY_ENV = "CWTOPS_TRITON_API_KEY"
 API_KEY_HEADER = "cwtops-api-key"
+RESTRICTED_APIS = "model-repository,logging,trace"
 BACKEND_SOURCE = Path(__file__).parent / "triton_backend" / "model.py"
+STAGING_SUFFIX = ".candidate"  # publishing checks a new version under `<model>.candidate` first
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_KEY_PATTERN = re.compile(r"^[A-Za-z0-9._~+/-]{16,256}$")  # no ':', ',' or '=': Triton's flag syntax splits on them
 
 
 @dataclass(frozen=True)
@@ -32,9 +45,12 @@ class ServerInfo:
     pid: int | None
     started: bool
     log: str
+    models: dict[str, str] = field(default_factory=dict)  # model -> "READY versions [..]" or the reason it is not
 
     def __str__(self) -> str:
-        return f"{self.url} (pid {self.pid}, {'started' if self.started else 'already running'}, log {self.log})"
+        state = "started" if self.started else "already running"
+        models = "; ".join(f"{name}: {state}" for name, state in self.models.items()) or "no models loaded"
+        return f"{self.url} (pid {self.pid}, {state}, log {self.log}; {models})"
 
 
 def triton_home() -> Path:
@@ -43,8 +59,12 @@ def triton_home() -> Path:
     return Path(os.environ.get("CWTOPS_TRITON_HOME", default))
 
 
+def _server_dir() -> Path:
+    return triton_home() / "pytriton" / "tritonserver"
+
+
 def _binary() -> Path:
-    binary = triton_home() / "pytriton" / "tritonserver" / "bin" / "tritonserver"
+    binary = _server_dir() / "bin" / "tritonserver"
     if not binary.exists():
         raise CwtopsError(f"{binary}: tritonserver not found; run `make setup` (it unpacks nvidia-pytriton into .triton/)")
     return binary
@@ -52,80 +72,200 @@ def _binary() -> Path:
 
 def build_backends(target: Path) -> Path:
     """`python/` (Triton's Python backend + the stub for this Python) and `onnxruntime/model.py`."""
-    server = triton_home() / "pytriton" / "tritonserver"
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = _server_dir() / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise CwtopsError(f"{stub}: no Triton Python-backend stub for Python {version}; run cwtops with Python 3.11")
     python_dir, ort_dir = target / "python", target / "onnxruntime"
     python_dir.mkdir(parents=True, exist_ok=True)
     ort_dir.mkdir(parents=True, exist_ok=True)
-    for item in (server / "backends" / "python").iterdir():
-        if item.is_file():
-            shutil.copy2(item, python_dir / item.name)
-    stub = server / "python_backend_stubs" / version / "triton_python_backend_stub"
-    if not stub.exists():
-        raise CwtopsError(f"{stub}: no Triton Python-backend stub for Python {version}; use Python 3.11")
+    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        shutil.copy2(_server_dir() / "backends" / "python" / name, python_dir / name)
     shutil.copy2(stub, python_dir / stub.name)
     shutil.copy2(BACKEND_SOURCE, ort_dir / "model.py")
     return target
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
+def server_environment() -> dict[str, str]:
+    """tritonserver's libraries, and this Python environment first on PATH for the backend stub.
+
+    The stub embeds the `python3` it finds on PATH, so that interpreter's venv (and its
+    onnxruntime and numpy) is what the backend imports; PYTHONHOME/PYTHONPATH would override it.
+    """
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONHOME", "PYTHONPATH", API_KEY_ENV)}
     libs = str(triton_home() / "nvidia_pytriton.libs")
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libs, env.get("LD_LIBRARY_PATH", "")) if p)
-    # The Python-backend stub is built against NumPy 1.x and takes its packages from the first
-    # `python3` on PATH: a venv of its own (made by `make setup`) with numpy<2 and onnxruntime.
-    stub_venv = triton_home() / "venv"
-    if not (stub_venv / "bin" / "python3").exists():
-        raise CwtopsError(f"{stub_venv}: the Triton backend's environment is missing; run `make setup`")
-    env["PATH"] = str(stub_venv / "bin") + os.pathsep + env.get("PATH", "")
-    for variable in ("PYTHONHOME", "PYTHONPATH", "VIRTUAL_ENV"):
-        env.pop(variable, None)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libs, os.environ.get("LD_LIBRARY_PATH", "")) if p)
+    env["PATH"] = os.pathsep.join((str(Path(sys.prefix) / "bin"), os.environ.get("PATH", "")))
     return env
 
 
-def http_url(params: Params, port: int | None = None) -> str:
-    return f"{params.triton.host}:{port or params.triton.http_port}"
+def api_key() -> str | None:
+    """The model-repository API key from the environment, checked (never echoed)."""
+    key = os.environ.get(API_KEY_ENV)
+    if not key:
+        return None
+    if not _KEY_PATTERN.match(key):
+        raise CwtopsError(f"{API_KEY_ENV} must be 16-256 characters from A-Z a-z 0-9 . _ ~ + / - (Triton's flag syntax splits on ':', ',' and '=')")
+    return key
 
 
-def _models_on_disk(repository: Path) -> list[str]:
+def admin_headers() -> dict[str, str] | None:
+    """The header Triton's restricted model-repository API asks for, when a key is configured."""
+    key = api_key()
+    return {API_KEY_HEADER: key} if key else None
+
+
+def models_on_disk(repository: Path) -> list[str]:
+    """Models with a config.pbtxt and at least one numeric version folder (staging copies aside)."""
     if not repository.is_dir():
         return []
     return sorted(
-        d.name for d in repository.iterdir()
-        if (d / "config.pbtxt").exists() and any(v.is_dir() and v.name.isdigit() for v in d.iterdir())
+        folder.name for folder in repository.iterdir()
+        if MODEL_NAME.match(folder.name) and not folder.name.endswith(STAGING_SUFFIX) and (folder / "config.pbtxt").is_file()
+        and any(version.is_dir() and version.name.isdigit() for version in folder.iterdir())
     )
 
 
-def start(params: Params, http_port: int | None = None, grpc_port: int | None = None, metrics_port: int | None = None, wait: float = 120.0) -> ServerInfo:
-    """Start tritonserver unless it already answers; wait for readiness."""
+def _ports(params: Params, http_port: int | None, grpc_port: int | None, metrics_port: int | None) -> dict[str, int]:
     cfg = params.triton
-    url = http_url(params, http_port)
-    if http_ok(f"http://{url}/v2/health/ready"):
-        return ServerInfo(url, TRITON.pid(), False, str(TRITON.log_file))
-    repository = Path(cfg.model_repository).resolve()
-    repository.mkdir(parents=True, exist_ok=True)
-    backends = build_backends(state_dir() / "triton" / "backends")
+    return {"http": http_port or cfg.http_port, "grpc": grpc_port or cfg.grpc_port, "metrics": metrics_port or cfg.metrics_port}
+
+
+def _command(params: Params, ports: dict[str, int], repository: Path, backends: Path) -> list[str]:
+    host = params.triton.host
     command = [
-        str(_binary()),
-        f"--model-repository={repository}", f"--backend-directory={backends.resolve()}",
+        str(_binary()), f"--model-repository={repository}", f"--backend-directory={backends}",
         "--model-control-mode=explicit",
-        f"--http-address={cfg.host}", f"--http-port={http_port or cfg.http_port}",
-        f"--grpc-address={cfg.host}", f"--grpc-port={grpc_port or cfg.grpc_port}",
-        f"--metrics-address={cfg.host}", f"--metrics-port={metrics_port or cfg.metrics_port}",
-        "--exit-on-error=false", "--strict-readiness=false", "--log-verbose=0",
+        f"--http-address={host}", f"--http-port={ports['http']}",
+        f"--grpc-address={host}", f"--grpc-port={ports['grpc']}",
+        f"--metrics-address={host}", f"--metrics-port={ports['metrics']}",
+        # a model that fails to load is reported by `status`; it must not keep the others down
+        "--exit-on-error=false", "--strict-readiness=false", "--exit-timeout-secs=15", "--log-verbose=0",
     ]
-    command += [f"--load-model={name}" for name in _models_on_disk(repository)]
-    if os.environ.get(API_KEY_ENV):
-        command.append(f"--http-restricted-api=model-repository:{API_KEY_HEADER}={os.environ[API_KEY_ENV]}")
-    pid = TRITON.launch(command, _env())
-    TRITON.wait_healthy(lambda: http_ok(f"http://{url}/v2/health/ready"), wait)
-    return ServerInfo(url, pid, True, str(TRITON.log_file))
+    command += [f"--load-model={name}" for name in models_on_disk(repository)]
+    key = api_key()
+    if key:
+        command.append(f"--http-restricted-api={RESTRICTED_APIS}:{API_KEY_HEADER}={key}")
+        command.append(f"--grpc-restricted-protocol={RESTRICTED_APIS}:{API_KEY_HEADER}={key}")
+    return command
 
 
-def stop(params: Params) -> bool:
-    return TRITON.stop()
+def _record_file() -> Path:
+    return TRITON.folder / "server.json"
+
+
+def _recorded_url() -> str | None:
+    """The URL of the server this state directory started, while it runs."""
+    if TRITON.pid() is None:
+        return None
+    try:
+        return json.loads(_record_file().read_text())["url"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def http_url(params: Params, port: int | None = None) -> str:
+    """host:port of the HTTP endpoint: an explicit port, else the running server's, else params."""
+    if port is not None:
+        return f"{params.triton.host}:{port}"
+    return _recorded_url() or f"{params.triton.host}:{params.triton.http_port}"
+
+
+def _ready(url: str) -> bool:
+    return http_ok(f"http://{url}/v2/health/ready")
+
+
+def model_states(url: str) -> dict[str, str]:
+    """Per model in the repository index: its READY versions and any version that failed to load."""
+    from tritonclient.utils import InferenceServerException
+
+    from tasks.triton_client import connect
+
+    try:
+        index = connect(url).get_model_repository_index(headers=admin_headers())
+    except InferenceServerException as error:
+        return {"(repository index)": f"unavailable: {error.message()}"}
+    ready: dict[str, list[int]] = {}
+    failed: dict[str, list[str]] = {}
+    for entry in index:
+        name, version, state = entry.get("name", "?"), entry.get("version", ""), entry.get("state", "")
+        if state == "READY" and version.isdigit():
+            ready.setdefault(name, []).append(int(version))
+        elif state == "UNAVAILABLE" and entry.get("reason", "unloaded") != "unloaded":
+            failed.setdefault(name, []).append(f"version {version or '?'} failed: {entry['reason']}")
+    return {name: "; ".join(([f"READY versions {sorted(ready[name])}"] if name in ready else []) + failed.get(name, []))
+            for name in sorted(set(ready) | set(failed))}
+
+
+def start(params: Params, wait: float = 60.0, *, http_port: int | None = None, grpc_port: int | None = None,
+          metrics_port: int | None = None) -> ServerInfo:
+    """Start tritonserver and wait until it is ready; a running one is reported, not restarted."""
+    ports = _ports(params, http_port, grpc_port, metrics_port)
+    url = http_url(params, ports["http"])
+    running = TRITON.pid()  # None also when the PID file is stale (it is removed)
+    if running is not None:
+        url = _recorded_url() or url
+        _wait_ready(url, running, wait)
+        return ServerInfo(url, running, False, str(TRITON.log_file), model_states(url))
+    if _ready(url):  # one this state directory did not start (another checkout, a container): use it
+        return ServerInfo(url, None, False, f"(not started from {state_dir()})", model_states(url))
+    repository = Path(params.triton.model_repository).resolve()
+    repository.mkdir(parents=True, exist_ok=True)
+    backends = build_backends((state_dir() / "triton" / "backends").resolve())
+    pid = TRITON.launch(_command(params, ports, repository, backends), server_environment())
+    _record_file().write_text(json.dumps({"url": url, "ports": ports, "repository": str(repository), "pid": pid}))
+    try:
+        _wait_ready(url, pid, wait)
+    except CwtopsError:
+        stop(params)
+        raise
+    return ServerInfo(url, pid, True, str(TRITON.log_file), model_states(url))
+
+
+def _alive(pid: int) -> bool:
+    """Whether the process still runs; reaps it when this process started it (a zombie is not alive)."""
+    with contextlib.suppress(ChildProcessError):
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _wait_ready(url: str, pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not _ready(url):
+        if not _alive(pid):
+            raise CwtopsError(f"tritonserver exited during start-up; see {TRITON.log_file}:\n{TRITON.tail()}")
+        if time.monotonic() > deadline:
+            raise CwtopsError(f"tritonserver not ready at {url} after {timeout:.0f} s; see {TRITON.log_file}:\n{TRITON.tail()}")
+        time.sleep(0.25)
+
+
+def stop(params: Params, timeout: float = 30.0) -> bool:
+    """Stop the server this state directory started (SIGTERM, then SIGKILL); False when none was running."""
+    pid = TRITON.pid()
+    _record_file().unlink(missing_ok=True)
+    if pid is None:
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)  # its own session: the backend stubs go too
+    deadline = time.monotonic() + timeout  # Triton drains in-flight requests first (--exit-timeout-secs)
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    TRITON.pid_file.unlink(missing_ok=True)
+    return True
 
 
 def status(params: Params, http_port: int | None = None) -> dict:
+    """URL, readiness, PID, log file and the models' states."""
     url = http_url(params, http_port)
-    return {"url": url, "ready": http_ok(f"http://{url}/v2/health/ready"), "pid": TRITON.pid(), "log": str(TRITON.log_file)}
+    ready = _ready(url)
+    return {"url": url, "ready": ready, "pid": TRITON.pid(), "log": str(TRITON.log_file), "models": model_states(url) if ready else {}}

@@ -1,149 +1,450 @@
-"""Triton against a real `tritonserver` on 127.0.0.1: publish, infer, batch, refuse, roll out."""
+"""Triton: config generation and the backend in-process; then a real `tritonserver` on 127.0.0.1
+(free ports, a repository in tmp_path): publish, infer, batch, refuse, roll out, roll back, restart."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import socket
+import sys
 import threading
+import types
+import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import requests
+import yaml
 
-pytestmark = pytest.mark.slow
+from tasks.config import Params, load_params, params_from_dict
+from tasks.errors import CwtopsError
+
+ROOT = Path(__file__).resolve().parent.parent
+LENGTH, CLASSES = 128, 3
+CLASS_NAMES = ["alpha", "beta", "gamma"]
+MODEL = "tiny"
+slow = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def export_tiny_model(path: Path, seed: int, batch_dynamic: bool = True) -> Path:
+    """A small conv + linear classifier with the served contract: signal [B, 1, L] -> logits [B, C]."""
+    import torch
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv1d(1, 4, 9, padding=4)
+            self.linear = torch.nn.Linear(4 * LENGTH, CLASSES)
+
+        def forward(self, signal: torch.Tensor) -> torch.Tensor:
+            return self.linear(torch.relu(self.conv(signal)).flatten(1))  # (B, C)
+
+    torch.manual_seed(seed)
+    axes = {"signal": {0: "batch"}, "logits": {0: "batch"}} if batch_dynamic else None
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation notices
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Tiny().eval(), (torch.randn(2, 1, LENGTH),), str(path), input_names=["signal"], output_names=["logits"],
+                          dynamic_axes=axes, opset_version=18, dynamo=False)
+    model = onnx.load(str(path))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "class_names", json.dumps(CLASS_NAMES)
+    onnx.save(model, str(path))
+    return path
+
+
+def write_reference(onnx_path: Path, path: Path, n: int = 20, shift: float = 0.0) -> Path:
+    inputs = np.random.default_rng(7).standard_normal((n, 1, LENGTH)).astype(np.float32)
+    outputs = ort.InferenceSession(str(onnx_path)).run(None, {"signal": inputs})[0]
+    np.savez(path, inputs=inputs, outputs=outputs + np.float32(shift))
+    return path
+
+
+@dataclass(frozen=True)
+class Models:
+    a: Path  # version 1 and the one promoted back
+    b: Path  # same signature, other weights
+    fixed: Path  # batch axis fixed to 2
+    reference_a: Path
+    reference_b: Path
+    reference_bad: Path  # model a's outputs + 1
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
+    root = tmp_path_factory.mktemp("onnx")
+    a, b = export_tiny_model(root / "a.onnx", 0), export_tiny_model(root / "b.onnx", 1)
+    fixed = export_tiny_model(root / "fixed.onnx", 0, batch_dynamic=False)
+    return Models(a, b, fixed, write_reference(a, root / "ref_a.npz"), write_reference(b, root / "ref_b.npz"),
+                  write_reference(a, root / "ref_bad.npz", shift=1.0))
+
+
+def make_params(repository: Path, ports: tuple[int, int, int] = (8000, 8001, 8002)) -> Params:
+    raw = load_params(ROOT / "params.yaml").model_dump(mode="json")
+    raw["base"]["model_name"] = MODEL
+    raw["triton"].update({"model_repository": str(repository), "http_port": ports[0], "grpc_port": ports[1], "metrics_port": ports[2]})
+    return params_from_dict(raw)
+
+
+# ---- config generation (no server) -------------------------------------------------------------
+
+
+def test_config_is_derived_from_the_onnx_model(models: Models, tmp_path: Path) -> None:
+    from tasks.triton_publish import model_config_from_onnx
+
+    params = make_params(tmp_path)
+    text = model_config_from_onnx(models.a, params, MODEL, versions=[2, 1])
+    assert 'platform: "onnxruntime_onnx"' in text and f"max_batch_size: {params.triton.max_batch_size}" in text
+    assert f'name: "signal" data_type: TYPE_FP32 dims: [ 1, {LENGTH} ]' in text
+    assert f'name: "logits" data_type: TYPE_FP32 dims: [ {CLASSES} ] label_filename: "labels.txt"' in text
+    assert "versions: [ 1, 2 ]" in text and "dynamic_batching" in text and "max_queue_delay_microseconds" in text
+    assert f"count: {params.triton.instance_count} kind: {params.triton.instance_kind}" in text
+    assert json.dumps(json.dumps(CLASS_NAMES)) in text  # class names as an escaped JSON string parameter
+
+
+def test_fixed_batch_axis_and_unsafe_names_are_refused(models: Models, tmp_path: Path) -> None:
+    from tasks.triton_publish import model_config_from_onnx
+
+    params = make_params(tmp_path)
+    with pytest.raises(CwtopsError, match="fixed batch axis of size 2"):
+        model_config_from_onnx(models.fixed, params, MODEL)
+    for name in ("../escape", "a/b", ".hidden", "tiny.candidate", ""):
+        with pytest.raises(CwtopsError, match="not allowed"):
+            model_config_from_onnx(models.a, params, name)
+
+
+# ---- the backend, in-process with a stand-in for Triton's pb_utils -----------------------------
+
+
+class _FakeTensor:
+    def __init__(self, name: str, array: np.ndarray) -> None:
+        self.name, self.array = name, array
+
+    def __dlpack__(self, stream: object = None, **_: object) -> object:
+        return self.array.__dlpack__()
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return self.array.__dlpack_device__()
+
+    @classmethod
+    def from_dlpack(cls, name: str, capsule: object) -> _FakeTensor:
+        return cls(name, np.from_dlpack(_Capsule(capsule)))
+
+
+class _Capsule:
+    """Hands a ready DLPack capsule to np.from_dlpack, as the stub receives one."""
+
+    def __init__(self, capsule: object) -> None:
+        self.capsule = capsule
+
+    def __dlpack__(self, *args: object, **kwargs: object) -> object:
+        return self.capsule
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return (1, 0)  # kDLCPU
+
+
+class _FakeResponse:
+    def __init__(self, output_tensors: list | None = None, error: object = None) -> None:
+        self.outputs, self.error = output_tensors or [], error
+
+
+class _FakeError:
+    INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
+
+    def __init__(self, message: str, code: str = "INTERNAL") -> None:
+        self.message, self.code = message, code
 
 
 @pytest.fixture()
-def params(in_project: Path):
-    from tasks.config import load_params
+def backend(models: Models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> object:
+    fake = types.ModuleType("triton_python_backend_utils")
+    fake.Tensor, fake.InferenceResponse, fake.TritonError = _FakeTensor, _FakeResponse, _FakeError
+    fake.TritonModelException = RuntimeError
+    fake.get_input_tensor_by_name = lambda request, name: request.get(name)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
+    spec = importlib.util.spec_from_file_location("cwtops_ort_backend", ROOT / "tasks" / "triton_backend" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (tmp_path / MODEL / "1").mkdir(parents=True)
+    (tmp_path / MODEL / "1" / "model.onnx").write_bytes(models.a.read_bytes())
+    config = {"name": MODEL, "max_batch_size": 64, "input": [{"name": "signal", "data_type": "TYPE_FP32", "dims": ["1", str(LENGTH)]}],
+              "output": [{"name": "logits", "data_type": "TYPE_FP32", "dims": [str(CLASSES)]}],
+              "parameters": {"intra_op_thread_count": {"string_value": "1"}}}
+    model = module.TritonPythonModel()
+    model.initialize({"model_config": json.dumps(config), "model_repository": str(tmp_path / MODEL), "model_version": "1",
+                      "model_instance_kind": "CPU"})
+    return model
 
-    return load_params()
+
+def test_backend_runs_a_batch_once_and_answers_bad_requests_alone(backend, models: Models) -> None:
+    calls = []
+    session = backend.session
+    backend.session = types.SimpleNamespace(run=lambda names, feeds: calls.append(len(feeds["signal"])) or session.run(names, feeds))
+    rng = np.random.default_rng(3)
+    good = [rng.standard_normal((n, 1, LENGTH)).astype(np.float32) for n in (2, 1)]
+    requests_ = [
+        {"signal": _FakeTensor("signal", good[0])},
+        {"signal": _FakeTensor("signal", np.zeros((1, 1, LENGTH + 5), np.float32))},
+        {"signal": _FakeTensor("signal", good[1])},
+        {"signal": _FakeTensor("signal", np.zeros((1, 1, LENGTH), np.float64))},
+        {},
+    ]
+    responses = backend.execute(requests_)
+    assert calls == [3]  # both good requests in one ONNX Runtime call
+    expected = ort.InferenceSession(str(models.a)).run(None, {"signal": np.concatenate(good)})[0]
+    np.testing.assert_allclose(np.concatenate([responses[0].outputs[0].array, responses[2].outputs[0].array]), expected, atol=1e-6)
+    assert "shape [1, 1, 133]" in responses[1].error.message and responses[1].error.code == "INVALID_ARG"
+    assert "data type float64" in responses[3].error.message
+    assert "missing input 'signal'" in responses[4].error.message
 
 
-@pytest.fixture()
-def published(params, triton_server: str, in_project: Path) -> tuple[str, int]:
+# ---- a real server ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    params: Params
+    repository: Path
+    state: Path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    from tasks.triton_server import start, stop
+
+    root = tmp_path_factory.mktemp("triton")
+    params = make_params(root / "repository", (_free_port(), _free_port(), _free_port()))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CWTOPS_STATE_DIR", str(root / "state"))
+        patch.delenv("CWTOPS_TRITON_API_KEY", raising=False)
+        info = start(params, wait=120)
+        try:
+            yield Server(info.url, params, root / "repository", root / "state")
+        finally:
+            stop(params)
+
+
+@pytest.fixture(scope="module")
+def published(server: Server, models: Models) -> Server:
     from tasks.triton_publish import publish_version
 
-    art = in_project / "artifacts"
-    result = publish_version(art / "export/model.onnx", 1, params, reference=art / "parity/reference.npz", url=triton_server)
-    return triton_server, result.version
+    result = publish_version(models.a, 1, server.params, reference=models.reference_a, url=server.url)
+    assert result.created and result.served_max_abs_error is not None and result.served_max_abs_error < 1e-5
+    return server
 
 
-def test_served_logits_match_onnxruntime(published, in_project: Path, params) -> None:
-    from tasks.triton_client import infer
-
-    url, version = published
-    signals = np.load(in_project / "artifacts/parity/reference.npz")["inputs"]
-    session = ort.InferenceSession(str(in_project / "artifacts/export/model.onnx"))
-    expected = session.run(None, {"signal": signals})[0]
-    served = infer(url, params.base.model_name, signals, version=version)
-    assert np.abs(served - expected).max() <= 1e-5
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_metadata_and_config_follow_the_model(published, params, in_project: Path) -> None:
-    url, _ = published
-    name = params.base.model_name
-    reference = np.load(in_project / "artifacts/parity/reference.npz")
-    length, classes = reference["inputs"].shape[2], reference["outputs"].shape[1]
-    metadata = requests.get(f"http://{url}/v2/models/{name}", timeout=10).json()
-    assert metadata["platform"] == "onnxruntime_onnx"
-    assert metadata["inputs"][0]["shape"] == [-1, 1, length]
-    assert metadata["outputs"][0]["shape"] == [-1, classes]
-    config = requests.get(f"http://{url}/v2/models/{name}/config", timeout=10).json()
-    assert "dynamic_batching" in config and config["max_batch_size"] == params.triton.max_batch_size
+@slow
+def test_served_logits_match_in_process_onnxruntime(published: Server, models: Models) -> None:
+    import tritonclient.http as httpclient
+
+    from tasks.triton_client import classify, connect, infer
+
+    signals = np.load(models.reference_a)["inputs"]
+    expected = ort.InferenceSession(str(models.a)).run(None, {"signal": signals})[0]
+    assert np.abs(infer(published.url, MODEL, signals, version=1) - expected).max() <= 1e-5
+    assert np.abs(infer(published.url, MODEL, signals[:, 0, :], max_batch=7) - expected).max() <= 1e-5  # [N, L], chunked
+    tensor = httpclient.InferInput("signal", list(signals.shape), "FP32")
+    tensor.set_data_from_numpy(signals)
+    assert np.abs(connect(published.url).infer(MODEL, [tensor]).as_numpy("logits") - expected).max() <= 1e-5
+    top = classify(published.url, MODEL, signals[:2], top_k=2)
+    assert [name for name, _ in top[0]][0] == CLASS_NAMES[int(expected[0].argmax())]
+    assert 0 < top[0][1][1] <= top[0][0][1] < 1
 
 
-def test_concurrent_single_requests_are_batched(published, params, in_project: Path) -> None:
+@slow
+def test_metadata_and_config_describe_the_model(published: Server) -> None:
+    metadata = requests.get(f"http://{published.url}/v2/models/{MODEL}", timeout=10).json()
+    assert metadata["platform"] == "onnxruntime_onnx" and metadata["versions"] == ["1"]
+    assert metadata["inputs"] == [{"name": "signal", "datatype": "FP32", "shape": [-1, 1, LENGTH]}]
+    assert metadata["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, CLASSES]}]
+    config = requests.get(f"http://{published.url}/v2/models/{MODEL}/config", timeout=10).json()
+    assert config["max_batch_size"] == published.params.triton.max_batch_size
+    assert config["dynamic_batching"]["max_queue_delay_microseconds"] == published.params.triton.max_queue_delay_us
+    assert config["output"][0]["label_filename"] == "labels.txt"
+
+
+@slow
+def test_concurrent_single_requests_are_batched(published: Server, models: Models) -> None:
     from tasks.triton_client import connect, infer
 
-    url, _ = published
-    name = params.base.model_name
-    data = np.load(in_project / "artifacts/parity/reference.npz")
+    data = np.load(models.reference_a)
     signals, expected = data["inputs"], data["outputs"]
-    client = connect(url, concurrency=64)
+    clients = [connect(published.url) for _ in range(64)]
+    gate = threading.Barrier(64)
+
+    def one(i: int) -> np.ndarray:
+        gate.wait()
+        return infer(published.url, MODEL, signals[i % len(signals)][None], client=clients[i])
+
     with ThreadPoolExecutor(64) as pool:
-        results = list(pool.map(lambda i: infer(url, name, signals[i % len(signals)][None], client=connect(url)), range(64)))
+        results = list(pool.map(one, range(64)))
     for i, logits in enumerate(results):
-        assert np.argmax(logits) == np.argmax(expected[i % len(signals)])
-    stats = requests.get(f"http://{url}/v2/models/{name}/stats", timeout=10).json()["model_stats"]
-    sizes = [entry["batch_size"] for model in stats for entry in model.get("batch_stats", [])]
+        np.testing.assert_allclose(logits[0], expected[i % len(signals)], atol=1e-4)
+    stats = requests.get(f"http://{published.url}/v2/models/{MODEL}/stats", timeout=10).json()["model_stats"]
+    sizes = [int(entry["batch_size"]) for model in stats for entry in model.get("batch_stats", [])]
     assert max(sizes) > 1, f"no batched execution: {sizes}"
-    client.close()
 
 
+@slow
 @pytest.mark.parametrize("bad", ["length", "dtype"])
-def test_bad_request_gets_clear_error_and_server_keeps_serving(published, params, in_project: Path, bad: str) -> None:
+def test_bad_request_gets_a_clear_error_and_serving_goes_on(published: Server, bad: str) -> None:
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
     from tasks.triton_client import connect, infer
 
-    url, _ = published
-    name = params.base.model_name
-    length = np.load(in_project / "artifacts/parity/reference.npz")["inputs"].shape[2]
-    array = np.zeros((1, 1, length + 7), np.float32) if bad == "length" else np.zeros((1, 1, length), np.float64)
+    array = np.zeros((1, 1, LENGTH + 7), np.float32) if bad == "length" else np.zeros((1, 1, LENGTH), np.float64)
     tensor = httpclient.InferInput("signal", list(array.shape), "FP32" if bad == "length" else "FP64")
     tensor.set_data_from_numpy(array)
     with pytest.raises(InferenceServerException) as error:
-        connect(url).infer(name, [tensor])
-    assert ("shape" in str(error.value) or "dims" in str(error.value)) if bad == "length" else ("FP64" in str(error.value) or "dtype" in str(error.value) or "data-type" in str(error.value))
-    assert infer(url, name, np.zeros((1, length), np.float32)).shape[0] == 1
+        connect(published.url).infer(MODEL, [tensor])
+    message = str(error.value)
+    assert (f"[-1,1,{LENGTH}]" in message and f"[1,1,{LENGTH + 7}]" in message) if bad == "length" else ("FP64" in message and "FP32" in message)
+    with pytest.raises(CwtopsError, match="float32"):
+        infer(published.url, MODEL, np.zeros((1, LENGTH), np.float64))
+    assert infer(published.url, MODEL, np.zeros((1, LENGTH), np.float32)).shape == (1, CLASSES)
 
 
-def test_config_that_disagrees_is_refused_before_writing(params, triton_server: str, in_project: Path, tmp_path: Path) -> None:
-    import onnx
-
-    from tasks.errors import CwtopsError
-    from tasks.triton_publish import publish_version
-
-    model = onnx.load(str(in_project / "artifacts/export/model.onnx"))
-    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1  # a fixed batch axis
-    fixed = tmp_path / "fixed.onnx"
-    onnx.save(model, str(fixed))
-    repository = in_project / params.triton.model_repository
-    before = sorted(str(p) for p in repository.rglob("*")) if repository.exists() else []
-    with pytest.raises(CwtopsError, match="fixed batch axis"):
-        publish_version(fixed, 99, params, url=triton_server)
-    after = sorted(str(p) for p in repository.rglob("*")) if repository.exists() else []
-    assert before == after
-
-
-def test_rollout_under_load_never_fails_and_bad_reference_rolls_back(published, params, in_project: Path, tmp_path: Path) -> None:
-    from tasks.errors import CwtopsError
-    from tasks.triton_client import infer
+@slow
+def test_a_config_that_disagrees_is_refused_before_anything_is_written(published: Server, models: Models, tmp_path: Path) -> None:
     from tasks.triton_publish import publish_version, served_versions
 
-    url, _ = published
-    name = params.base.model_name
-    art = in_project / "artifacts"
-    signals = np.load(art / "parity/reference.npz")["inputs"][:1]
-    failures, done, stop = [], [0], threading.Event()
+    before = _snapshot(published.repository)
+    with pytest.raises(CwtopsError, match="fixed batch axis"):
+        publish_version(models.fixed, 5, published.params, url=published.url)
+    short = tmp_path / "short.npz"
+    np.savez(short, inputs=np.zeros((2, 1, LENGTH - 1), np.float32), outputs=np.zeros((2, CLASSES), np.float32))
+    with pytest.raises(CwtopsError, match="do not fit"):
+        publish_version(models.a, 5, published.params, reference=short, url=published.url)
+    with pytest.raises(CwtopsError, match="not a valid ONNX model"):
+        publish_version(short, 5, published.params, url=published.url)
+    assert _snapshot(published.repository) == before
+    assert served_versions(published.url, MODEL) == [1]
+
+
+@slow
+def test_a_published_version_is_immutable(published: Server, models: Models) -> None:
+    from tasks.triton_publish import publish_version, served_versions
+
+    before = _snapshot(published.repository)
+    again = publish_version(models.a, 1, published.params, url=published.url)
+    assert not again.created and again.retired == []
+    with pytest.raises(CwtopsError, match="immutable"):
+        publish_version(models.b, 1, published.params, url=published.url)
+    assert _snapshot(published.repository) == before
+    assert served_versions(published.url, MODEL) == [1]
+
+
+@slow
+def test_rollout_and_rollback_under_load_never_fail_a_request(published: Server, models: Models) -> None:
+    from tasks.triton_client import connect
+    from tasks.triton_publish import publish_version, served_version, served_versions
+
+    import tritonclient.http as httpclient
+
+    signal = np.load(models.reference_a)["inputs"][:1]
+    failures, answered_by, stop = [], [], threading.Event()
 
     def load() -> None:
+        client = connect(published.url)
         while not stop.is_set():
+            tensor = httpclient.InferInput("signal", [1, 1, LENGTH], "FP32")
+            tensor.set_data_from_numpy(signal)
             try:
-                infer(url, name, signals)
-                done[0] += 1
+                answered_by.append(client.infer(MODEL, [tensor]).get_response()["model_version"])
             except Exception as error:  # noqa: BLE001 - every failure counts
-                failures.append(str(error))
+                failures.append(repr(error))
 
     workers = [threading.Thread(target=load) for _ in range(4)]
     for worker in workers:
         worker.start()
     try:
-        publish_version(art / "export/model.onnx", 2, params, reference=art / "parity/reference.npz", url=url)
-        data = np.load(art / "parity/reference.npz")
-        bad = tmp_path / "bad_reference.npz"
-        np.savez(bad, inputs=data["inputs"], outputs=data["outputs"] + 1.0)
-        with pytest.raises(CwtopsError, match="differ from its reference"):
-            publish_version(art / "export/model.onnx", 3, params, reference=bad, url=url)
+        assert publish_version(models.b, 2, published.params, reference=models.reference_b, url=published.url).retired == [1]
+        assert served_versions(published.url, MODEL) == [2]
+        promoted_back = publish_version(models.a, 1, published.params, reference=models.reference_a, url=published.url)
+        assert not promoted_back.created and promoted_back.retired == [2]
+        config_before = (published.repository / MODEL / "config.pbtxt").read_text()
+        with pytest.raises(CwtopsError, match=r"version 3 failed .*differ from its reference"):
+            publish_version(models.b, 3, published.params, reference=models.reference_bad, url=published.url)
     finally:
         stop.set()
         for worker in workers:
             worker.join()
     assert not failures, failures[:3]
-    assert done[0] > 20
-    assert served_versions(url, name) == [2]
-    assert not (in_project / params.triton.model_repository / name / "3").exists()
+    assert len(answered_by) > 20 and {"1", "2"} <= set(answered_by) and "3" not in answered_by
+    assert served_version(published.params, published.url) == 1
+    assert (published.repository / MODEL / "config.pbtxt").read_text() == config_before
+    assert not (published.repository / MODEL / "3").exists()
+    assert not (published.repository / f"{MODEL}.candidate").exists()
+
+
+@slow
+def test_cli_publish_predict_and_status(published: Server, models: Models, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from tasks.cli import app
+    from tasks.cli_triton import next_version_on_disk
+
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(published.params.model_dump(mode="json"), sort_keys=False))
+    runner, version = CliRunner(), next_version_on_disk(published.params)
+    done = runner.invoke(app, ["publish", "--onnx", str(models.a), "--reference", str(models.reference_a), "--params", str(params_file)])
+    assert done.exit_code == 0, done.output
+    assert f"version {version}" in done.output
+    signals = tmp_path / "signals.npy"
+    np.save(signals, np.load(models.reference_a)["inputs"][:3, 0, :].astype(np.float64))
+    shown = runner.invoke(app, ["predict", str(signals), "--url", published.url, "--top-k", "2", "--params", str(params_file)])
+    assert shown.exit_code == 0, shown.output
+    lines = shown.output.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith(f"signal {i}: ") for i, line in enumerate(lines))
+    assert sum(name in lines[0] for name in CLASS_NAMES) == 2
+    status = runner.invoke(app, ["triton", "status", "--params", str(params_file)])
+    assert f"model {MODEL}: READY versions [{version}]" in status.output
+
+
+@slow
+def test_restart_serves_the_repository_and_the_api_key_guards_it(published: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks.triton_publish import served_version
+    from tasks.triton_server import TRITON, start, status, stop
+
+    serving = served_version(published.params, published.url)
+    same = start(published.params)
+    assert not same.started and same.pid == TRITON.pid()
+    key = "test-key-0123456789abcdef"
+    monkeypatch.setenv("CWTOPS_TRITON_API_KEY", key)
+    assert stop(published.params)
+    restarted = start(published.params, wait=120)
+    assert restarted.started and restarted.url == published.url
+    assert served_version(published.params, published.url) == serving  # loaded from the repository at start
+    load = f"http://{published.url}/v2/repository/models/{MODEL}/load"
+    assert requests.post(load, timeout=30).status_code == 403
+    assert requests.post(load, headers={"cwtops-api-key": key}, timeout=60).ok
+    assert key not in Path(restarted.log).read_text()
+    assert status(published.params)["models"][MODEL] == f"READY versions [{serving}]"
+
+
+def test_a_stale_pid_file_is_ignored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks.triton_server import TRITON, status
+
+    monkeypatch.setenv("CWTOPS_STATE_DIR", str(tmp_path))
+    TRITON.folder.mkdir(parents=True)
+    TRITON.pid_file.write_text("999999999")
+    info = status(make_params(tmp_path / "repository", (_free_port(), _free_port(), _free_port())))
+    assert info["pid"] is None and not info["ready"] and not TRITON.pid_file.exists()

@@ -1,80 +1,162 @@
 """A Python-based Triton backend named `onnxruntime`: serves `platform: "onnxruntime_onnx"` models.
 
-Triton loads it for every model whose config names that platform when no native ONNX Runtime
-backend is installed, so the same model repository runs here and in the NGC container (which
-uses its native backend). Inputs, outputs and the batch size come from the model config; a whole
-dynamic batch is run in one ONNX Runtime call; a bad request gets a Triton error, never a crash.
+Triton picks it for every model whose config names that platform when no native ONNX Runtime
+backend is installed, so one model repository runs both here and in the NGC container (which uses
+its native backend). Inputs, outputs, the batch size and the thread counts come from the model
+config; all requests of a dynamic batch go through one ONNX Runtime call; a bad request gets a
+Triton error of its own and the others in its batch are still answered.
+
+Tensors cross the stub boundary through DLPack rather than `as_numpy()` / `Tensor(name, array)`:
+the stub's NumPy bindings were compiled against NumPy 1.x and read NumPy 2 arrays with the wrong
+item size (empty outputs, zero-stride inputs), while DLPack carries its own layout.
 """
 
+from __future__ import annotations
+
+import ctypes
 import json
 import os
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
-_DTYPES = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16, "TYPE_FP64": np.float64, "TYPE_INT64": np.int64, "TYPE_INT32": np.int32}
+_DTYPES = {
+    "TYPE_FP16": np.float16, "TYPE_FP32": np.float32, "TYPE_FP64": np.float64, "TYPE_BOOL": np.bool_,
+    "TYPE_INT8": np.int8, "TYPE_INT16": np.int16, "TYPE_INT32": np.int32, "TYPE_INT64": np.int64,
+    "TYPE_UINT8": np.uint8, "TYPE_UINT16": np.uint16, "TYPE_UINT32": np.uint32, "TYPE_UINT64": np.uint64,
+}
+# The stub renames a capsule it consumed to "used_dlpack"; NumPy's capsule destructor only
+# recognises "used_dltensor" and would report an error for every response. The stub's tensor owns
+# the data from then on, so the capsule is marked consumed under the name NumPy expects. The
+# bytes object lives as long as the module: PyCapsule_SetName keeps the pointer, not a copy.
+_CONSUMED = b"used_dltensor"
+_set_capsule_name = ctypes.pythonapi.PyCapsule_SetName
+_set_capsule_name.argtypes = [ctypes.py_object, ctypes.c_char_p]
+_set_capsule_name.restype = ctypes.c_int
+
+
+class RequestError(ValueError):
+    """A request that does not fit the model; answered with an error, never raised to Triton."""
+
+
+def to_numpy(tensor: Any) -> np.ndarray:
+    """A request tensor as a NumPy array (a view, through DLPack)."""
+    return np.from_dlpack(tensor)
+
+
+def to_triton(name: str, array: np.ndarray) -> Any:
+    """A NumPy array as an output tensor (no copy, through DLPack)."""
+    capsule = np.ascontiguousarray(array).__dlpack__()
+    tensor = pb_utils.Tensor.from_dlpack(name, capsule)
+    _set_capsule_name(capsule, _CONSUMED)
+    return tensor
+
+
+def session_options(parameters: dict[str, str]) -> ort.SessionOptions:
+    """Thread counts from the config's `parameters` (the native backend's keys; 0 = ORT default)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(parameters.get("intra_op_thread_count", "0"))
+    options.inter_op_num_threads = int(parameters.get("inter_op_thread_count", "0"))
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
+
+
+def providers(args: dict[str, str]) -> list:
+    """CUDA for a KIND_GPU instance when onnxruntime-gpu provides it, CPU otherwise."""
+    chosen: list = ["CPUExecutionProvider"]
+    if args.get("model_instance_kind") == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
+        chosen.insert(0, ("CUDAExecutionProvider", {"device_id": int(args.get("model_instance_device_id", "0"))}))
+    return chosen
+
+
+def triton_error(message: str, invalid: bool) -> Any:
+    """A Triton error; INVALID_ARG (HTTP 400) for a malformed request where the stub knows the code."""
+    code = getattr(pb_utils.TritonError, "INVALID_ARG" if invalid else "INTERNAL", None)
+    return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
 
 
 class TritonPythonModel:
-    def initialize(self, args):
+    """One ONNX Runtime session per model instance."""
+
+    def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
-        self.inputs = [(i["name"], _DTYPES[i["data_type"]], [int(d) for d in i["dims"]]) for i in config["input"]]
-        self.outputs = [o["name"] for o in config["output"]]
+        self.name = config["name"]
         self.max_batch_size = int(config.get("max_batch_size", 0))
-        parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(parameters.get("intra_op_thread_count", "1"))
-        options.inter_op_num_threads = int(parameters.get("inter_op_thread_count", "1"))
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        providers = ["CPUExecutionProvider"]
-        if args.get("model_instance_kind") == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(args.get("model_instance_device_id", 0))}))
-        filename = config.get("default_model_filename") or "model.onnx"
-        path = os.path.join(args["model_repository"], args["model_version"], filename)
-        self.session = ort.InferenceSession(path, options, providers=providers)
+        self.inputs = [(i["name"], np.dtype(_DTYPES[i["data_type"]]), [int(d) for d in i["dims"]]) for i in config["input"]]
+        self.outputs = [o["name"] for o in config["output"]]
+        parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        path = os.path.join(args["model_repository"], args["model_version"], config.get("default_model_filename") or "model.onnx")
+        self.session = ort.InferenceSession(path, session_options(parameters), providers=providers(args))
+        self._check_names(path)
 
-    def _check(self, name, array, dtype, dims):
-        if array.dtype != dtype:
-            raise ValueError(f"input '{name}' has dtype {array.dtype}, the model expects {np.dtype(dtype)}")
-        shape = list(array.shape[1:] if self.max_batch_size else array.shape)
-        if len(shape) != len(dims) or any(d != -1 and d != s for d, s in zip(dims, shape)):
-            raise ValueError(f"input '{name}' has shape {list(array.shape)}, the model expects [batch, {', '.join(map(str, dims))}]")
+    def _check_names(self, path: str) -> None:
+        """A config that names tensors the ONNX graph lacks fails the load, with both lists."""
+        graph_inputs = {i.name for i in self.session.get_inputs()}
+        graph_outputs = {o.name for o in self.session.get_outputs()}
+        declared_inputs = {name for name, _, _ in self.inputs}
+        if declared_inputs != graph_inputs or not set(self.outputs) <= graph_outputs:
+            raise pb_utils.TritonModelException(
+                f"{path}: config.pbtxt of model '{self.name}' declares inputs {sorted(declared_inputs)} and outputs "
+                f"{sorted(self.outputs)}, the ONNX graph has inputs {sorted(graph_inputs)} and outputs {sorted(graph_outputs)}; "
+                "regenerate the config from the model (cwtops publish)"
+            )
 
-    def execute(self, requests):
-        responses = [None] * len(requests)
-        good, batches = [], {name: [] for name, _, _ in self.inputs}
+    def _read(self, request: Any) -> dict[str, np.ndarray]:
+        """The request's inputs, checked against the config (Triton checks too; this is the last line)."""
+        arrays = {}
+        for name, dtype, dims in self.inputs:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is None:
+                raise RequestError(f"model '{self.name}': missing input '{name}'")
+            array = to_numpy(tensor)
+            if array.dtype != dtype:
+                raise RequestError(f"model '{self.name}': input '{name}' has data type {array.dtype}, expected {dtype}")
+            shape = list(array.shape[1:] if self.max_batch_size else array.shape)
+            if len(shape) != len(dims) or any(d not in (-1, s) for d, s in zip(dims, shape)):
+                expected = ["batch", *dims] if self.max_batch_size else dims
+                raise RequestError(f"model '{self.name}': input '{name}' has shape {list(array.shape)}, expected {expected}")
+            arrays[name] = array
+        return arrays
+
+    def execute(self, requests: list) -> list:
+        """One ONNX Runtime call for every well-formed request of the batch; errors stay per request."""
+        responses: list = [None] * len(requests)
+        good: list[tuple[int, dict[str, np.ndarray]]] = []
         for index, request in enumerate(requests):
             try:
-                arrays = {}
-                for name, dtype, dims in self.inputs:
-                    tensor = pb_utils.get_input_tensor_by_name(request, name)
-                    if tensor is None:
-                        raise ValueError(f"missing input '{name}'")
-                    arrays[name] = tensor.as_numpy()
-                    self._check(name, arrays[name], dtype, dims)
-                for name in arrays:
-                    batches[name].append(arrays[name])
-                good.append(index)
-            except Exception as error:  # reported to that client only; the model keeps serving
-                responses[index] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error)))
-        if good:
+                good.append((index, self._read(request)))
+            except Exception as error:  # answered to that client only; the model keeps serving
+                responses[index] = pb_utils.InferenceResponse(error=triton_error(str(error), invalid=True))
+        if self.max_batch_size and len(good) > 1:
             try:
-                self._run(requests, good, batches, responses)
-            except Exception as error:
-                for index in good:
-                    responses[index] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"inference failed: {error}"))
+                self._run_together(good, responses)
+                return responses
+            except Exception:  # one request the graph rejects must not fail its neighbours: retry one by one
+                pass
+        for index, arrays in good:
+            self._run_one(index, arrays, responses)
         return responses
 
-    def _run(self, requests, good, batches, responses):
-        feeds = {name: np.concatenate(parts) for name, parts in batches.items()}
-        results = self.session.run(self.outputs, feeds)
-        sizes = [len(part) for part in next(iter(batches.values()))]
+    def _run_together(self, good: list[tuple[int, dict[str, np.ndarray]]], responses: list) -> None:
+        feeds = {name: np.concatenate([arrays[name] for _, arrays in good]) for name, _, _ in self.inputs}
+        results = self.session.run(self.outputs, feeds)  # each [sum of the request batches, ...]
         start = 0
-        for index, size in zip(good, sizes):
-            tensors = [pb_utils.Tensor(name, np.ascontiguousarray(result[start : start + size]).copy()) for name, result in zip(self.outputs, results)]
+        for index, arrays in good:
+            stop = start + len(arrays[self.inputs[0][0]])
+            tensors = [to_triton(name, result[start:stop]) for name, result in zip(self.outputs, results)]
             responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
-            start += size
+            start = stop
 
-    def finalize(self):
+    def _run_one(self, index: int, arrays: dict[str, np.ndarray], responses: list) -> None:
+        try:
+            results = self.session.run(self.outputs, arrays)
+            tensors = [to_triton(name, result) for name, result in zip(self.outputs, results)]
+            responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
+        except Exception as error:
+            message = f"model '{self.name}': ONNX Runtime rejected the request: {error}"
+            responses[index] = pb_utils.InferenceResponse(error=triton_error(message, invalid=False))
+
+    def finalize(self) -> None:
         self.session = None
