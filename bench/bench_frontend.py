@@ -6,12 +6,11 @@ floor: FLOPs and bytes of scalogram per signal against this machine's measured r
 
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
 import torch
 
-from bench.common import RESULTS_DIR, median_seconds, print_table, write_json
+from bench.common import cli_main, median_seconds, print_table
 from tasks.model import CWTFrontEnd
 from tasks.reference import PerLayerFrontEnd
 from tasks.weights import generate_filter_bank
@@ -72,11 +71,7 @@ def _measure(reference: PerLayerFrontEnd, matrix: np.ndarray, signal: torch.Tens
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", default=str(RESULTS_DIR / "frontend.json"))
-    args = parser.parse_args()
-    write_json(args.json, run(args.quick))
+    cli_main(run, "frontend.json", __doc__)
 
 
 if __name__ == "__main__":

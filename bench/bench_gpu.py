@@ -4,8 +4,6 @@ path of that machine; and the front-end (fused vs per-layer) on the GPU."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import tempfile
 import time
@@ -13,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import RESULTS_DIR, median_seconds, print_table, write_json
+from bench.common import cli_main, median_seconds, print_table
 from tasks.config import params_from_dict
 from tasks.model import CWTFrontEnd
 from tasks.reference import PerLayerFrontEnd
@@ -84,11 +82,7 @@ def run(quick: bool = False) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", default=str(RESULTS_DIR / "gpu.json"))
-    args = parser.parse_args()
-    write_json(args.json, run(args.quick))
+    cli_main(run, "gpu.json", __doc__)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
-from bench.common import RESULTS_DIR, median_seconds, print_table, write_json
+from bench.common import cli_main, median_seconds, print_table
 from tasks.export import INPUT_NAME, OUTPUT_NAME, onnx_bytes
 from tasks.model import HybridCWTNet, ModelArgs
 from tasks.weights import generate_filter_bank
@@ -53,11 +52,7 @@ def run(quick: bool = False) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", default=str(RESULTS_DIR / "onnx.json"))
-    args = parser.parse_args()
-    write_json(args.json, run(args.quick))
+    cli_main(run, "onnx.json", __doc__)
 
 
 if __name__ == "__main__":

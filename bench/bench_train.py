@@ -3,14 +3,13 @@ batch, float32, no caching), same head, same data, same seed, same number of epo
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
 import torch
 from sklearn.metrics import f1_score
 
-from bench.common import RESULTS_DIR, print_table, write_json
+from bench.common import cli_main, print_table
 from tasks.data import load_signals, scan_raw, write_sample_dataset
 from tasks.model import HybridCWTNet, ModelArgs
 from tasks.reference import PerLayerFrontEnd
@@ -100,11 +99,7 @@ def run(quick: bool = False) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", default=str(RESULTS_DIR / "train.json"))
-    args = parser.parse_args()
-    write_json(args.json, run(args.quick))
+    cli_main(run, "train.json", __doc__)
 
 
 if __name__ == "__main__":

@@ -77,3 +77,14 @@ def write_json(path: Path | str, payload: dict) -> Path:
     tmp.write_text(json.dumps({"machine": machine(), **payload}, indent=2, default=str) + "\n")
     tmp.replace(path)
     return path
+
+
+def cli_main(run: Callable[[bool], dict], default_json: str, description: str | None) -> None:
+    """The shared command line of a benchmark: `--quick` and `--json PATH`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller inputs")
+    parser.add_argument("--json", default=str(RESULTS_DIR / default_json), help="where to write the results")
+    args = parser.parse_args()
+    print(f"wrote {write_json(args.json, run(args.quick))}")
