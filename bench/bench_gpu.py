@@ -4,7 +4,6 @@ path of that machine; and the front-end (fused vs per-layer) on the GPU."""
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path
