@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -57,8 +56,9 @@ def _print_summary(summary: dict) -> None:
     print(f"MLflow run: {summary['run_url']}")
     rollout = summary.get("rollout") or {}
     print(f"Triton serves version {rollout.get('served')}")
-    print("prediction served by Triton (reference signals):")
-    print(json.dumps(summary["served_prediction"], indent=2, default=str))
+    print("prediction served by Triton (three test signals, top 2 classes):")
+    for index, ranked in enumerate(summary["served_prediction"]):
+        print(f"  signal {index}: " + ", ".join(f"{name} {probability:.4f}" for name, probability in ranked))
 
 
 if __name__ == "__main__":
