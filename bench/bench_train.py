@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 from sklearn.metrics import f1_score
 

@@ -42,18 +42,9 @@ class Service:
             pid = int(self.pid_file.read_text().strip())
         except (OSError, ValueError):
             return None
-        try:
-            if os.waitpid(pid, os.WNOHANG) != (0, 0):  # our own child that exited: reap it
-                raise ProcessLookupError
-        except ChildProcessError:
-            pass  # not our child (started by another process): ask the kernel below
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not process_alive(pid):
             self.pid_file.unlink(missing_ok=True)
             return None
-        except PermissionError:
-            pass
         return pid
 
     def launch(self, command: list[str], env: dict[str, str], cwd: Path | None = None) -> int:
@@ -65,10 +56,11 @@ class Service:
         self.pid_file.write_text(str(process.pid))
         return process.pid
 
-    def wait_healthy(self, healthy: Callable[[], bool], timeout: float) -> None:
+    def wait_healthy(self, healthy: Callable[[], bool], timeout: float, pid: int | None = None) -> None:
+        """Poll `healthy` until it holds; fail fast with the log tail if the process exits."""
         deadline = time.monotonic() + timeout
         while not healthy():
-            if self.pid() is None:
+            if not process_alive(pid) if pid is not None else self.pid() is None:
                 raise CwtopsError(f"{self.name} server exited during start-up; see {self.log_file}:\n{self.tail()}")
             if time.monotonic() > deadline:
                 raise CwtopsError(f"{self.name} server not healthy after {timeout:.0f} s; see {self.log_file}:\n{self.tail()}")
@@ -83,9 +75,9 @@ class Service:
         except ProcessLookupError:
             pass
         deadline = time.monotonic() + timeout
-        while self.pid() is not None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if self.pid() is not None:
+        while process_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if process_alive(pid):
             os.killpg(pid, signal.SIGKILL)
         self.pid_file.unlink(missing_ok=True)
         return True
@@ -95,6 +87,25 @@ class Service:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+def process_alive(pid: int) -> bool:
+    """Whether `pid` still runs. A child of this process that exited is reaped (a zombie is not alive)."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass  # not our child: ask the kernel
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # os.kill succeeds on zombies of other parents: procfs tells
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def http_ok(url: str, timeout: float = 2.0) -> bool:

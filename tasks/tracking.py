@@ -26,7 +26,7 @@ from typing import TypeVar
 from tasks.config import Params
 from tasks.errors import CwtopsError
 from tasks.io import atomic_path, write_json
-from tasks.services import Service, http_ok
+from tasks.services import Service, http_ok, process_alive
 
 MLFLOW = Service("mlflow")
 T = TypeVar("T")
@@ -107,26 +107,6 @@ def _info_file() -> Path:
     return MLFLOW.folder / "server.json"
 
 
-def _process_state(pid: int) -> str | None:
-    """The state letter from /proc (Z: exited, not yet reaped), None when there is no such process."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    if not Path("/proc").is_dir():  # no procfs (macOS): signal 0 tells whether it exists
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)  # reap it when this process started it (tests, flows)
-    return _process_state(pid) not in (None, "Z")
-
-
 def _server_pid() -> int | None:
     """The PID from the PID file when that process is still an MLflow server (not exited, not reused)."""
     pid = MLFLOW.pid()
@@ -135,8 +115,8 @@ def _server_pid() -> int | None:
     try:
         command = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
-        return pid if _alive(pid) else None  # no /proc (macOS): trust the PID file
-    if b"mlflow" not in command or not _alive(pid):
+        return pid if process_alive(pid) else None  # no /proc (macOS): trust the PID file
+    if b"mlflow" not in command or not process_alive(pid):
         MLFLOW.pid_file.unlink(missing_ok=True)
         return None
     return pid
@@ -155,16 +135,6 @@ def _prepare_storage(params: Params) -> None:
     destination = artifacts_destination(params)
     if "://" not in destination:
         Path(destination).mkdir(parents=True, exist_ok=True)
-
-
-def _wait_healthy(health: str, pid: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not http_ok(health):
-        if not _alive(pid):
-            raise CwtopsError(f"mlflow server exited during start-up; see {MLFLOW.log_file}:\n{MLFLOW.tail()}")
-        if time.monotonic() > deadline:
-            raise CwtopsError(f"mlflow server not healthy after {timeout:.0f} s; see {MLFLOW.log_file}:\n{MLFLOW.tail()}")
-        time.sleep(0.25)
 
 
 @contextlib.contextmanager
@@ -195,7 +165,7 @@ def start(params: Params, port: int | None = None, wait: float = 60) -> dict:
             return {"uri": uri, "pid": _server_pid(), "started": False, "log": str(MLFLOW.log_file)}
         started = time.monotonic()
         pid = _server_pid() or _launch(params, port, uri)
-        _wait_healthy(health, pid, wait)
+        MLFLOW.wait_healthy(lambda: http_ok(health), wait, pid)
     return {"uri": uri, "pid": pid, "started": True, "log": str(MLFLOW.log_file), "seconds": round(time.monotonic() - started, 2)}
 
 
@@ -222,9 +192,9 @@ def stop(params: Params, timeout: float = 20.0) -> bool:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, sig)  # started with its own session: uvicorn and its workers go too
         deadline = time.monotonic() + timeout
-        while _alive(pid) and time.monotonic() < deadline:
+        while process_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if not _alive(pid):
+        if not process_alive(pid):
             break
     uri = _recorded_uri(params)
     deadline = time.monotonic() + timeout

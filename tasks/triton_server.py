@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tasks.config import Params
 from tasks.errors import CwtopsError
-from tasks.services import Service, http_ok, state_dir
+from tasks.services import Service, http_ok, process_alive, state_dir
 
 TRITON = Service("triton")
 API_KEY_ENV = "CWTOPS_TRITON_API_KEY"
@@ -222,28 +222,8 @@ def start(params: Params, wait: float = 60.0, *, http_port: int | None = None, g
     return ServerInfo(url, pid, True, str(TRITON.log_file), model_states(url))
 
 
-def _alive(pid: int) -> bool:
-    """Whether the process still runs; reaps it when this process started it (a zombie is not alive)."""
-    with contextlib.suppress(ChildProcessError):
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
 def _wait_ready(url: str, pid: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not _ready(url):
-        if not _alive(pid):
-            raise CwtopsError(f"tritonserver exited during start-up; see {TRITON.log_file}:\n{TRITON.tail()}")
-        if time.monotonic() > deadline:
-            raise CwtopsError(f"tritonserver not ready at {url} after {timeout:.0f} s; see {TRITON.log_file}:\n{TRITON.tail()}")
-        time.sleep(0.25)
+    TRITON.wait_healthy(lambda: _ready(url), timeout, pid)
 
 
 def stop(params: Params, timeout: float = 30.0) -> bool:
@@ -255,9 +235,9 @@ def stop(params: Params, timeout: float = 30.0) -> bool:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGTERM)  # its own session: the backend stubs go too
     deadline = time.monotonic() + timeout  # Triton drains in-flight requests first (--exit-timeout-secs)
-    while _alive(pid) and time.monotonic() < deadline:
+    while process_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if _alive(pid):
+    if process_alive(pid):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
     TRITON.pid_file.unlink(missing_ok=True)

@@ -62,7 +62,6 @@ def test_train_flow_serves_a_version_and_leaves_dvc_clean(harness, in_project: P
 
 def test_webhook_promotion_rolls_out_within_15_seconds(harness, in_project: Path, params, triton_server: str, mlflow_server: str) -> None:
     from flows.serve import register_mlflow_webhook, start_receiver
-    from tasks.registry import resolve_version
     from tasks.rollout import reconcile
 
     reconcile(params)  # start from a converged state
@@ -82,10 +81,9 @@ def test_webhook_promotion_rolls_out_within_15_seconds(harness, in_project: Path
 
 
 def test_reconciler_converges_without_webhook(in_project: Path, params, triton_server: str) -> None:
-    from tasks.registry import promote, resolve_version
+    from tasks.registry import promote
     from tasks.rollout import reconcile
 
-    current = resolve_version(params, None)
     newer = _new_version(params)
     promote(params, newer)
     outcome = reconcile(params)
