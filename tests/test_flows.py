@@ -80,14 +80,48 @@ def test_webhook_promotion_rolls_out_within_15_seconds(harness, in_project: Path
     assert _wait_served(params, triton_server, newer, timeout=15) <= 15
 
 
-def test_reconciler_converges_without_webhook(in_project: Path, params, triton_server: str) -> None:
+def test_reconciler_converges_without_webhook_under_steady_load(in_project: Path, params, triton_server: str) -> None:
+    """At least 20 requests/s through the whole rollout; not one fails."""
+    import threading
+
+    import numpy as np
+
     from tasks.registry import promote
     from tasks.rollout import reconcile
+    from tasks.triton_client import connect, infer
 
+    signal = np.load(in_project / "artifacts/parity/reference.npz")["inputs"][:1]
     newer = _new_version(params)
     promote(params, newer)
-    outcome = reconcile(params)
+    failures: list[str] = []
+    sent = [0]
+    stop = threading.Event()
+
+    def steady_load() -> None:
+        client = connect(triton_server)
+        while not stop.is_set():
+            try:
+                infer(triton_server, params.base.model_name, signal, client=client)
+            except Exception as error:  # noqa: BLE001 - every failure counts
+                failures.append(str(error))
+            sent[0] += 1
+            time.sleep(0.05)
+
+    workers = [threading.Thread(target=steady_load) for _ in range(4)]  # paced clients, ~20+ requests/s together
+    started = time.monotonic()
+    for worker in workers:
+        worker.start()
+    try:
+        outcome = reconcile(params)
+    finally:
+        time.sleep(0.5)
+        stop.set()
+        for worker in workers:
+            worker.join()
+    rate = sent[0] / (time.monotonic() - started)
     assert outcome.action == "rolled_out" and outcome.served == newer
+    assert not failures, failures[:3]
+    assert rate >= 20, f"only {rate:.1f} requests/s"
     assert reconcile(params).action == "noop"
 
 
