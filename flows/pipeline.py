@@ -2,7 +2,9 @@
 then register (MLflow), promote (policy) and roll out (Triton).
 
 Each stage task runs its DVC stage, so `dvc.lock` stays true: after this flow `dvc status` is
-clean, and a stage that `dvc repro` already built is skipped here.
+clean, and a stage that `dvc repro` already built is skipped here. By default the stage function
+runs inside the task's process (DVC still decides, restores from its run cache, and commits; see
+tasks/dvc_stage.py); `stage_mode="subprocess"` runs `dvc repro --single-item` instead.
 """
 
 from __future__ import annotations
@@ -14,16 +16,16 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from tasks.config import DEFAULT_PARAMS, Params, load_params
-from tasks.dvc_stage import repro_stage
+from tasks.dvc_stage import Mode, StageRun, repro_stage
 from tasks.paths import artifact_paths
 from tasks.promotion import apply_policy
 from tasks.rollout import RolloutOutcome, reconcile
 
 
 @task(name="stage", task_run_name="{name}", retries=1, retry_delay_seconds=5, timeout_seconds=3600)
-def stage_task(name: str, params_file: str) -> bool:
-    """Run one DVC stage; True when it ran, False when it was up to date."""
-    return repro_stage(name, Path(params_file).parent)
+def stage_task(name: str, params_file: str, mode: Mode = "in_process") -> StageRun:
+    """Bring one DVC stage up to date; says whether it ran and how long its own work took."""
+    return repro_stage(name, Path(params_file).parent, mode)
 
 
 @task(retries=3, retry_delay_seconds=[5, 15, 30], timeout_seconds=600)
@@ -44,10 +46,10 @@ def publish_task(params: Params) -> RolloutOutcome:
 
 
 @flow(name="cwtops-train", log_prints=True)
-def train_flow(params_file: str = str(DEFAULT_PARAMS), publish: bool = True) -> dict:
+def train_flow(params_file: str = str(DEFAULT_PARAMS), publish: bool = True, stage_mode: Mode = "in_process") -> dict:
     """Run the pipeline through DVC, register the model, apply the promotion policy, serve."""
     params = load_params(params_file)
-    ran = {name: stage_task(name, params_file) for name in PIPELINE}
+    ran = {name: stage_task(name, params_file, stage_mode) for name in PIPELINE}
     version = register_task(params)
     decision = promote_task(params, version)
     outcome = publish_task(params) if publish else None
@@ -64,7 +66,8 @@ def _summary(params: Params, ran: dict, version: int, decision: str, outcome: Ro
     paths = artifact_paths(params)
     track = json.loads(paths.track_run.read_text())
     return {
-        "stages_run": [name for name, did in ran.items() if did],
+        "stages_run": [name for name, done in ran.items() if done.ran],
+        "stage_seconds": {name: done.seconds for name, done in ran.items()},
         "metrics": json.loads(paths.metrics.read_text()),
         "parity": {k: v for k, v in json.loads(paths.parity_report.read_text()).items() if k != "cases"},
         "version": version,

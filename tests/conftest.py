@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,15 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.scratch import ROOT, SMALL_COUNTS, free_port, make_project
+from bench.scratch import small_params as _small_params
+
 BIN = Path(sys.executable).parent
-SMALL_COUNTS = {"noise": 300, "burst": 150, "chirp": 100, "am": 80, "fm": 60}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run(command: list[str], cwd: Path, env: dict | None = None, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -31,26 +24,10 @@ def run(command: list[str], cwd: Path, env: dict | None = None, check: bool = Tr
 
 
 def small_params(root: Path, mlflow_port: int, triton_ports: tuple[int, int, int]) -> dict:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["train"].update({"epochs": 15, "patience": 15, "batch_size": 32})
-    params["balance"]["samples_per_class"] = 60
+    params = _small_params()
     params["mlflow"]["port"] = mlflow_port
     params["triton"].update({"http_port": triton_ports[0], "grpc_port": triton_ports[1], "metrics_port": triton_ports[2]})
-    params["rollout"]["webhook_port"] = free_port()
     return params
-
-
-def make_project(target: Path) -> Path:
-    """A copy of this repository's code and pipeline definition, as its own git + DVC repo."""
-    for name in ("tasks", "flows", "bench"):
-        shutil.copytree(ROOT / name, target / name, ignore=shutil.ignore_patterns("__pycache__", "results"))
-    for name in ("dvc.yaml", "pyproject.toml", "README.md"):
-        shutil.copy2(ROOT / name, target / name)
-    (target / ".gitignore").write_text(".cwtops/\n/mlflow/\n/model_repository/\n/results/\n/.dvc-storage/\n")
-    run(["git", "init", "-q"], target)
-    run(["git", "-c", "user.email=t@example.com", "-c", "user.name=t", "add", "-A"], target)
-    run(["git", "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "init"], target)
-    return target
 
 
 @pytest.fixture(scope="session")

@@ -49,15 +49,49 @@ def _wait_served(params, url: str, version: int, timeout: float) -> float:
     raise AssertionError(f"Triton did not serve version {version} within {timeout} s (serves {served_version(params, url)})")
 
 
+def _set_epochs(project: Path, epochs: int) -> None:
+    import yaml
+
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["train"]["epochs"] = epochs
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
 def test_train_flow_serves_a_version_and_leaves_dvc_clean(harness, in_project: Path, params, triton_server: str, services_env: dict) -> None:
     from flows.pipeline import train_flow
 
-    summary = train_flow(params_file=str(in_project / "params.yaml"))
+    epochs = params.train.epochs
+    _set_epochs(in_project, epochs - 1)  # a changed train param: train and what follows it re-run, not parse or balance
+    try:
+        summary = train_flow(params_file=str(in_project / "params.yaml"))
+    finally:
+        _set_epochs(in_project, epochs)
+    assert summary["stages_run"] == ["train", "evaluate", "export", "parity", "track"]
+    assert summary["stage_seconds"]["train"] > 0 and summary["stage_seconds"]["parse"] == 0
     assert summary["version"] >= 1
     assert summary["rollout"]["served"] is not None
+    # Back to the original epochs: DVC's run cache has those outputs, so train is restored, not re-run.
+    again = train_flow(params_file=str(in_project / "params.yaml"), publish=False)
+    assert "train" in again["stages_run"]
     assert "up to date" in run([str(BIN / "dvc"), "status"], in_project, services_env).stdout
-    again = run([str(BIN / "dvc"), "repro"], in_project, services_env)
-    assert "Running stage" not in again.stdout
+    repro = run([str(BIN / "dvc"), "repro"], in_project, services_env)
+    assert "Running stage" not in repro.stdout
+
+
+def test_flow_stage_in_process_matches_dvc_repro(in_project: Path, services_env: dict) -> None:
+    """The in-process path writes the same dvc.lock entry as `dvc repro` running the stage's command."""
+    from tasks.dvc_stage import repro_stage
+
+    lock = (in_project / "dvc.lock").read_text()
+    run([str(BIN / "dvc"), "repro", "--force", "--single-item", "evaluate"], in_project, services_env)
+    assert (in_project / "dvc.lock").read_text() == lock
+    done = repro_stage("evaluate", in_project, "in_process")
+    assert (done.ran, done.how) == (False, "skipped")
+    (in_project / "artifacts/evaluate/metrics.json").unlink()  # an output lost: DVC sees the stage changed
+    done = repro_stage("evaluate", in_project, "in_process")
+    assert done.ran and done.how in ("ran", "restored")
+    assert (in_project / "dvc.lock").read_text() == lock
+    assert "up to date" in run([str(BIN / "dvc"), "status"], in_project, services_env).stdout
 
 
 def test_webhook_promotion_rolls_out_within_15_seconds(harness, in_project: Path, params, triton_server: str, mlflow_server: str) -> None:
