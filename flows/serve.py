@@ -40,8 +40,11 @@ def ensure_prefect_server(timeout: float = 90.0) -> str:
         logs = state_dir() / "prefect"
         logs.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(PREFECT_PORT)]
+        # The scheduler turns interval schedules into runs; its default 60 s loop would add up to a
+        # minute before the reconciler's first run. A local server can afford to look every 10 s.
+        env = {"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "10", **os.environ}
         with open(logs / "server.log", "ab") as out:
-            subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         deadline = time.monotonic() + timeout
         while not _healthy(url):
             if time.monotonic() > deadline:
@@ -87,6 +90,15 @@ def start_receiver(params: Params, params_file: str, secret: str) -> threading.T
     return thread
 
 
+def _converge_once(rollout_flow: object, params_file: str) -> None:
+    """Bring Triton in line at start-up, before the first scheduled pass (a restart must not wait)."""
+    try:
+        outcome = rollout_flow(params_file=params_file)
+        print(f"rollout at start-up: {outcome['action']}, serving version {outcome['served']}")
+    except Exception as error:  # noqa: BLE001 - the schedule retries; serving must start regardless
+        print(f"rollout at start-up failed ({error}); the reconciler retries every minute")
+
+
 def serve(params_file: str = str(DEFAULT_PARAMS), webhook: bool = True) -> None:
     """Run everything until interrupted."""
     from tasks.tracking import ensure_server
@@ -109,6 +121,7 @@ def serve(params_file: str = str(DEFAULT_PARAMS), webhook: bool = True) -> None:
         register_mlflow_webhook(params, receiver, secret)
         print(f"webhook receiver: {receiver}")
     absolute = str(Path(params_file).resolve())
+    _converge_once(rollout_flow, absolute)
     prefect_serve(
         train_flow.to_deployment(name="nightly", cron=params.rollout.retrain_cron, parameters={"params_file": absolute}),
         rollout_flow.to_deployment(name="reconcile", interval=params.rollout.reconcile_seconds, parameters={"params_file": absolute}),

@@ -27,14 +27,14 @@ from tasks.errors import CwtopsError
 from tasks.services import state_dir
 
 log = logging.getLogger(__name__)
-STATUS_TAG = "deployment_status"  # serving | rolling_out | failed | retired
+STATUS_TAG = "deployment_status"  # serving | rolling_out | failed | interrupted | retired
 REASON_TAG = "deployment_reason"
 TIME_TAG = "deployment_time"
 
 
 @dataclass(frozen=True)
 class RolloutOutcome:
-    action: str  # noop | rolled_out | failed | skipped
+    action: str  # noop | rolled_out | failed | interrupted | skipped
     desired: int | None
     previous: int | None
     served: int | None
@@ -103,6 +103,12 @@ def reconcile(params: Params, url: str | None = None, retry_failed: bool = False
     return RolloutOutcome(**{**outcome.__dict__, "seconds": time.monotonic() - started})
 
 
+def _triton_up(params: Params, url: str | None) -> bool:
+    from tasks.triton_server import http_url, is_ready
+
+    return is_ready(url or http_url(params))
+
+
 def _mark_retired(params: Params, version: int) -> None:
     """Best effort: the old version may have been published by hand, outside the registry."""
     from mlflow.exceptions import MlflowException
@@ -126,6 +132,11 @@ def _roll_out(params: Params, desired: int, actual: int | None, url: str | None)
             publish_version(files.onnx, desired, params, reference=files.reference, url=url, retire_others=True)
     except Exception as error:  # any failure: the old version keeps serving, the reason is recorded
         reason = f"{type(error).__name__}: {error}"[:4000]
+        if not _triton_up(params, url):
+            # Not the version's fault: the next pass (schedule or webhook) tries again once Triton is back.
+            reason = f"Triton went away during the rollout; retried on the next pass. {reason}"[:4000]
+            set_version_tags(params, desired, {STATUS_TAG: "interrupted", TIME_TAG: _now(), REASON_TAG: reason})
+            return RolloutOutcome("interrupted", desired, actual, None, reason)
         set_version_tags(params, desired, {STATUS_TAG: "failed", TIME_TAG: _now(), REASON_TAG: reason})
         return RolloutOutcome("failed", desired, actual, served_version(params, url), reason)
     set_version_tags(params, desired, {STATUS_TAG: "serving", TIME_TAG: _now()})

@@ -171,7 +171,7 @@ def http_url(params: Params, port: int | None = None) -> str:
     return _recorded_url() or f"{params.triton.host}:{params.triton.http_port}"
 
 
-def _ready(url: str) -> bool:
+def is_ready(url: str) -> bool:
     return http_ok(f"http://{url}/v2/health/ready")
 
 
@@ -207,7 +207,7 @@ def start(params: Params, wait: float = 60.0, *, http_port: int | None = None, g
         url = _recorded_url() or url
         _wait_ready(url, running, wait)
         return ServerInfo(url, running, False, str(TRITON.log_file), model_states(url))
-    if _ready(url):  # one this state directory did not start (another checkout, a container): use it
+    if is_ready(url):  # one this state directory did not start (another checkout, a container): use it
         return ServerInfo(url, None, False, f"(not started from {state_dir()})", model_states(url))
     repository = Path(params.triton.model_repository).resolve()
     repository.mkdir(parents=True, exist_ok=True)
@@ -223,7 +223,7 @@ def start(params: Params, wait: float = 60.0, *, http_port: int | None = None, g
 
 
 def _wait_ready(url: str, pid: int, timeout: float) -> None:
-    TRITON.wait_healthy(lambda: _ready(url), timeout, pid)
+    TRITON.wait_healthy(lambda: is_ready(url), timeout, pid)
 
 
 def stop(params: Params, timeout: float = 30.0) -> bool:
@@ -247,5 +247,5 @@ def stop(params: Params, timeout: float = 30.0) -> bool:
 def status(params: Params, http_port: int | None = None) -> dict:
     """URL, readiness, PID, log file and the models' states."""
     url = http_url(params, http_port)
-    ready = _ready(url)
+    ready = is_ready(url)
     return {"url": url, "ready": ready, "pid": TRITON.pid(), "log": str(TRITON.log_file), "models": model_states(url) if ready else {}}

@@ -89,3 +89,12 @@ def in_project(built_project: Path, services_env: dict, monkeypatch: pytest.Monk
         monkeypatch.setenv(key, services_env[key])
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return built_project
+
+
+@pytest.fixture(scope="session")
+def harness():
+    """A temporary Prefect API (its own database) for flow tests."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

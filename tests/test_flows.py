@@ -14,14 +14,6 @@ from tests.conftest import BIN, run
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.fixture()
 def params(in_project: Path):
     from tasks.config import load_params

@@ -1,0 +1,147 @@
+"""Faults with real servers: Triton killed in the middle of a rollout, MLflow down while the flow
+registers, and the reconciler alone (no webhook) under `cwtops serve`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import BIN, free_port, run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture()
+def params(in_project: Path):
+    from tasks.config import load_params
+
+    return load_params()
+
+
+def _new_version(params) -> int:
+    from tasks.registry import register
+    from tasks.track import run as track_run
+
+    track_run(params)
+    return register(params).version
+
+
+def _status(params, version: int) -> str | None:
+    from tasks.registry import list_versions
+
+    return next((e.get("deployment_status") for e in list_versions(params) if int(e["version"]) == version), None)
+
+
+def _wait_served(params, version: int, timeout: float) -> float:
+    from tasks.triton_publish import served_version
+
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        try:
+            if served_version(params) == version:
+                return time.monotonic() - started
+        except Exception:  # noqa: BLE001 - Triton may be starting
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"version {version} not served within {timeout} s")
+
+
+def test_triton_killed_during_rollout_then_restarted_converges(in_project: Path, params, triton_server: str,
+                                                                  services_env: dict) -> None:
+    from tasks.registry import promote
+    from tasks.rollout import reconcile
+    from tasks.triton_server import TRITON
+
+    reconcile(params)  # converged start
+    newer = _new_version(params)
+    promote(params, newer)
+    outcome: list = []
+    worker = threading.Thread(target=lambda: outcome.append(reconcile(params)))
+    worker.start()
+    deadline = time.monotonic() + 60
+    while _status(params, newer) != "rolling_out":  # the rollout has begun
+        assert time.monotonic() < deadline, "the rollout never started"
+        time.sleep(0.05)
+    os.kill(TRITON.pid(), signal.SIGKILL)
+    worker.join(120)
+    assert outcome and outcome[0].action == "interrupted", outcome
+    assert _status(params, newer) == "interrupted"  # recorded, and not a verdict on the version
+    run([str(BIN / "cwtops"), "triton", "start"], in_project, services_env, timeout=180)
+    again = reconcile(params)  # what the next scheduled pass does
+    assert (again.action, again.served) == ("rolled_out", newer)
+    assert _status(params, newer) == "serving"
+    assert reconcile(params).action == "noop"
+
+
+def test_mlflow_down_while_registering_then_rerun_registers_without_retraining(
+    harness, in_project: Path, params, mlflow_server: str, services_env: dict
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.pipeline import train_flow
+    from tasks.registry import list_versions
+
+    before = max(int(e["version"]) for e in list_versions(params))
+    lock = (in_project / "dvc.lock").read_text()
+    run([str(BIN / "cwtops"), "mlflow", "stop"], in_project, services_env)
+    try:
+        state = train_flow(params_file=str(in_project / "params.yaml"), publish=False, return_state=True)
+    finally:
+        run([str(BIN / "cwtops"), "mlflow", "start"], in_project, services_env, timeout=180)
+    assert state.is_failed()
+    assert "unreachable" in str(state.message).lower() or "MLflow" in str(state.message)
+    with get_client(sync_client=True) as client:
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    register = next(t for t in tasks if t.name.startswith("register_task"))
+    assert register.run_count == 4  # the first try and three retries
+    assert (in_project / "dvc.lock").read_text() == lock  # nothing half-written
+
+    summary = train_flow(params_file=str(in_project / "params.yaml"), publish=False)
+    assert summary["stages_run"] == []  # nothing retrained
+    assert summary["version"] == before + 1
+
+
+def test_reconciler_alone_rolls_out_within_90_seconds_under_serve(in_project: Path, params, mlflow_server: str,
+                                                                    triton_server: str, services_env: dict,
+                                                                    tmp_path: Path) -> None:
+    """`cwtops serve --no-webhook`: the scheduled reconciler (every 60 s) is the only path."""
+    newer = _new_version(params)
+    port = free_port()
+    env = {**services_env, "CWTOPS_PREFECT_PORT": str(port), "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
+    serve = subprocess.Popen([str(BIN / "cwtops"), "serve", "--no-webhook"], cwd=in_project, env=env, stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        api = f"http://127.0.0.1:{port}/api"
+        _wait_for_deployments(api, serve, tmp_path / "serve.log")
+        answer = requests.post(f"{mlflow_server}/api/2.0/mlflow/registered-models/alias",
+                               json={"name": params.base.model_name, "alias": "production", "version": str(newer)}, timeout=10)
+        assert answer.ok, answer.text
+        assert _wait_served(params, newer, timeout=90) <= 90
+    finally:
+        os.killpg(serve.pid, signal.SIGTERM)
+        serve.wait(60)
+        subprocess.run(["pkill", "-f", f"prefect server start.*--port {port}"], check=False)
+
+
+def _wait_for_deployments(api: str, serve: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert serve.poll() is None, log.read_text()[-3000:]
+        try:
+            found = requests.post(f"{api}/deployments/filter", json={}, timeout=5)
+            if found.ok and {"reconcile", "nightly"} <= {d["name"] for d in found.json()}:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"`cwtops serve` did not register its deployments:\n{log.read_text()[-3000:]}")
