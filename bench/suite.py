@@ -8,7 +8,7 @@ from pathlib import Path
 
 from bench.common import RESULTS_DIR, write_json
 
-BENCHMARKS = ("bench_frontend", "bench_parser", "bench_onnx", "bench_train", "bench_serving", "bench_mlflow", "bench_flow")
+BENCHMARKS = ("bench_frontend", "bench_parser", "bench_onnx", "bench_train", "bench_serving", "bench_mlflow", "bench_flow", "bench_variants")
 
 
 def run_all(quick: bool = False, only: list[str] | None = None, out: Path = RESULTS_DIR / "suite.json") -> dict:

@@ -18,9 +18,9 @@ app = typer.Typer(
 
 
 def _register_all() -> None:
-    from tasks import cli_data, cli_mlflow, cli_pipeline, cli_triton, cli_weights
+    from tasks import cli_data, cli_mlflow, cli_pipeline, cli_triton, cli_variants, cli_weights
 
-    for module in (cli_weights, cli_data, cli_pipeline, cli_mlflow, cli_triton):
+    for module in (cli_weights, cli_data, cli_pipeline, cli_mlflow, cli_triton, cli_variants):
         module.register(app)
 
 

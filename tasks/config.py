@@ -114,6 +114,31 @@ class RolloutConfig(Section):
     webhook_port: int = Field(8787, ge=1, le=65535)
 
 
+VariantName = Literal["optimized", "int8", "fp16"]
+VARIANTS: tuple[VariantName, ...] = ("optimized", "int8", "fp16")
+
+
+class VariantsConfig(Section):
+    """Thresholds and build options (defaults are the measured choice; see BENCHMARKS.md)."""
+
+    variants: tuple[VariantName, ...] = VARIANTS
+    max_accuracy_drop: float = Field(0.5, ge=0, le=100)  # percentage points of test accuracy
+    min_agreement: float = Field(0.99, ge=0, le=1)  # share of test signals with float32's argmax
+    optimization_level: Literal["basic", "extended"] = "extended"
+    quant_format: Literal["qdq", "qoperator"] = "qdq"
+    per_channel: bool = True
+    calibrate_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    calibration_signals: int = Field(256, ge=1)
+    # Relu too: it fuses into QLinearConv's output, else a DequantizeLinear/QuantizeLinear pair
+    # brackets every Relu (measured: 0.75x float32 speed without it, 0.9-0.98x with it).
+    op_types_to_quantize: tuple[str, ...] = ("Conv", "Gemm", "MatMul", "MaxPool", "Relu")
+    quantize_frontend: bool = True  # the 112-filter CWT Conv; its int8 error is below the gate (measured)
+    batch_size: int = Field(64, ge=1)
+    repeats: int = Field(30, ge=1)
+    threads: int = Field(0, ge=0)  # ONNX Runtime intra-op threads for timing; 0: all cores
+
+
+
 class Params(Section):
     base: BaseConfig = BaseConfig()
     parse: ParseConfig = ParseConfig()
@@ -125,6 +150,7 @@ class Params(Section):
     mlflow: MlflowConfig = MlflowConfig()
     triton: TritonConfig = TritonConfig()
     rollout: RolloutConfig = RolloutConfig()
+    variants: VariantsConfig = VariantsConfig()
 
 
 def _describe(error: ValidationError) -> str:

@@ -58,7 +58,7 @@ class VersionFiles:
 
 
 @contextlib.contextmanager
-def _registry(params: Params) -> Iterator[MlflowClient]:
+def registry_client(params: Params) -> Iterator[MlflowClient]:
     """A client for a server that answers /health (probed with backoff); connection failures
     inside the block become one CwtopsError naming the tracking URI."""
     from mlflow import MlflowClient
@@ -86,11 +86,11 @@ def _get_version(client: MlflowClient, name: str, version: int) -> ModelVersion:
     except MlflowException as error:
         if not _not_found(error):
             raise
-        known = ", ".join(str(v) for v in sorted(int(m.version) for m in _search(client, name))) or "none"
+        known = ", ".join(str(v) for v in sorted(int(m.version) for m in search_versions(client, name))) or "none"
         raise CwtopsError(f"'{name}' has no version {version} (versions: {known}); see `cwtops models`") from None
 
 
-def _search(client: MlflowClient, name: str, run_id: str | None = None) -> list[ModelVersion]:
+def search_versions(client: MlflowClient, name: str, run_id: str | None = None) -> list[ModelVersion]:
     query = f"name = '{name}'" + (f" and run_id = '{run_id}'" if run_id else "")
     return list(client.search_model_versions(query))
 
@@ -150,7 +150,7 @@ def version_description(metrics: dict, parity: dict, tags: dict[str, str]) -> st
 # ---------------------------------------------------------------- register
 
 
-def _tracked_run(client: MlflowClient, run_id: str, lineage: dict[str, str]) -> str:
+def tracked_run(client: MlflowClient, run_id: str, lineage: dict[str, str]) -> str:
     """The experiment of the run in track/run.json, which must exist here and describe these same inputs."""
     from mlflow.exceptions import MlflowException
 
@@ -198,9 +198,9 @@ def _register_once(client: MlflowClient, params: Params, run_id: str, parity: di
 
     paths, name = artifact_paths(params), params.base.model_name
     current = lineage(params)
-    experiment_id = _tracked_run(client, run_id, current)
+    experiment_id = tracked_run(client, run_id, current)
     metrics = json.loads(paths.metrics.read_text())
-    for existing in _search(client, name, run_id):
+    for existing in search_versions(client, name, run_id):
         if existing.tags.get("onnx_sha256") == sha:
             if not existing.description:  # an earlier attempt stopped before its description
                 client.update_model_version(name, existing.version, version_description(metrics, parity, existing.tags))
@@ -224,7 +224,7 @@ def register(params: Params) -> RegisterResult:
     paths = artifact_paths(params)
     parity, sha = checked_parity(paths)
     run_id = load_run(params)["run_id"]
-    with _registry(params) as client:
+    with registry_client(params) as client:
         return with_retries(lambda: _register_once(client, params, run_id, parity, sha), client.tracking_uri)
 
 
@@ -233,7 +233,7 @@ def register(params: Params) -> RegisterResult:
 
 def promote(params: Params, version: int) -> None:
     """Set the alias `production` on `version`, exactly as the MLflow UI does."""
-    with _registry(params) as client:
+    with registry_client(params) as client:
         _get_version(client, params.base.model_name, version)  # a clear error when it does not exist
         client.set_registered_model_alias(params.base.model_name, ALIAS, str(version))
 
@@ -242,7 +242,7 @@ def production_version(params: Params) -> int | None:
     """The version carrying `production`, or None when no version does."""
     from mlflow.exceptions import MlflowException
 
-    with _registry(params) as client:
+    with registry_client(params) as client:
         try:
             return int(client.get_model_version_by_alias(params.base.model_name, ALIAS).version)
         except MlflowException as error:
@@ -256,14 +256,14 @@ def list_versions(params: Params) -> list[dict]:
     from mlflow.exceptions import MlflowException
 
     name, metric = params.base.model_name, f"test_{params.rollout.metric}"
-    with _registry(params) as client:
+    with registry_client(params) as client:
         try:
             aliases = client.get_registered_model(name).aliases  # {alias: version}
         except MlflowException as error:
             if _not_found(error):
                 return []
             raise
-        versions = _search(client, name)
+        versions = search_versions(client, name)
     return [_version_row(v, metric, aliases) for v in sorted(versions, key=lambda v: int(v.version), reverse=True)]
 
 
@@ -284,7 +284,7 @@ def resolve_version(params: Params, version: int | None) -> int:
     """`version` when it exists; None: the `production` version, else the newest; an error when none."""
     name = params.base.model_name
     if version is not None:
-        with _registry(params) as client:
+        with registry_client(params) as client:
             return int(_get_version(client, name, version).version)
     production = production_version(params)
     if production is not None:
@@ -303,7 +303,7 @@ def download_version(params: Params, version: int, dest: Path) -> VersionFiles:
     import mlflow
 
     name = params.base.model_name
-    with _registry(params) as client:
+    with registry_client(params) as client:
         entry = _get_version(client, name, version)
         location = client.get_model_version_download_uri(name, str(version))
         model_dir = Path(
@@ -339,6 +339,6 @@ def _verify(path: Path, expected: str | None, what: str) -> None:
 
 def set_version_tags(params: Params, version: int, tags: dict[str, str]) -> None:
     """Set tags on a version (the rollout records deployment status, time and reason here)."""
-    with _registry(params) as client:
+    with registry_client(params) as client:
         for key, value in tags.items():
             client.set_model_version_tag(params.base.model_name, str(version), key, str(value))
