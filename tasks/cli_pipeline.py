@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 
 import typer
@@ -28,7 +29,9 @@ def stage(
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_params(params_path)
     typer.echo(f"stage {name}")
-    _print_result(run_stage(name, params))
+    result = run_stage(name, params)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one process reports
+        _print_result(result)
 
 
 def init(params_path: Path = ParamsOption) -> None:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from tasks.config import Params, TrainConfig
 from tasks.data import load_signals, read_manifest
+from tasks.distributed import SINGLE_PROCESS, World, close_world, init_world, shard, sync_buffers, threads_per_rank, wrap_head
 from tasks.errors import CwtopsError
 from tasks.io import atomic_path, sha256_file, write_json
 from tasks.model import HybridCWTNet, ModelArgs, checkpoint_dict, trainable_parameters
@@ -59,13 +60,13 @@ def select_device(cfg: TrainConfig) -> torch.device:
     return torch.device("cuda")
 
 
-def configure_backend(cfg: TrainConfig, device: torch.device) -> None:
+def configure_backend(cfg: TrainConfig, device: torch.device, world: World = SINGLE_PROCESS) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    else:
-        torch.set_num_threads(cfg.threads or max(1, os.cpu_count() or 1))
+    else:  # torchrun's processes share the cores
+        torch.set_num_threads(cfg.threads or threads_per_rank(os.cpu_count() or 1, world))
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -111,16 +112,19 @@ def train_one_epoch(
     generator: torch.Generator,
     amp_dtype: torch.dtype | None,
     scaler: torch.amp.GradScaler,
+    world: World = SINGLE_PROCESS,
 ) -> float:
     model.train()
+    head = wrap_head(model, world)  # DDP under torchrun: gradients averaged over the ranks
     order = torch.randperm(len(data.labels), generator=generator).to(data.labels.device)
     total, seen = 0.0, 0
     for start in range(0, len(order), cfg.batch_size):
-        picked = order[start : start + cfg.batch_size]
-        if len(picked) < 2:  # BatchNorm cannot train on a single sample
+        picked = order[start : start + cfg.batch_size]  # the global batch; each rank takes its share
+        if len(picked) < 2 * world.size:  # BatchNorm cannot train on a single sample per rank
             continue
+        picked = shard(picked, world)
         with torch.autocast(data.labels.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            loss = loss_fn(model.head(data.scalograms[picked]), data.labels[picked])
+            loss = loss_fn(head(data.scalograms[picked]), data.labels[picked])
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -241,7 +245,10 @@ def run(params: Params) -> TrainResult:
     started = time.perf_counter()
     cfg, paths = params.train, artifact_paths(params)
     device = select_device(cfg)
-    configure_backend(cfg, device)
+    world = init_world(device.type == "cuda")
+    if device.type == "cuda" and world.distributed:
+        device = torch.device("cuda", world.local_rank)
+    configure_backend(cfg, device, world)
     manifest = read_manifest(paths.split_manifest)
     classes = sorted(manifest.loc[manifest.split == "train", "label"].unique())
     raw_dir = Path(params.base.raw_dir)
@@ -261,10 +268,12 @@ def run(params: Params) -> TrainResult:
         log.info("resuming from epoch %d (%s)", resumed_from, paths.last_checkpoint)
         print(f"resuming from epoch {resumed_from} ({paths.last_checkpoint})", flush=True)
 
-    _fit(state, train, val, params, paths, amp_dtype, fingerprint)
+    _fit(state, train, val, params, paths, amp_dtype, fingerprint, world)
     model.load_state_dict(state.best_state)
-    _write_outputs(state, params, paths, classes, device, started, resumed_from)
-    paths.last_checkpoint.unlink(missing_ok=True)  # finished: the next run starts afresh
+    if world.is_main:
+        _write_outputs(state, params, paths, classes, device, started, resumed_from, world)
+        paths.last_checkpoint.unlink(missing_ok=True)  # finished: the next run starts afresh
+    close_world(world)
     return TrainResult(
         epochs_run=len(state.history),
         best_epoch=state.best_epoch,
@@ -284,10 +293,12 @@ def _fit(
     paths: ArtifactPaths,
     amp_dtype: torch.dtype | None,
     fingerprint: str,
+    world: World = SINGLE_PROCESS,
 ) -> None:
     cfg = params.train
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    epochs = tqdm(range(state.next_epoch, cfg.epochs + 1), desc="train", unit="epoch", initial=state.next_epoch - 1, total=cfg.epochs)
+    epochs = tqdm(range(state.next_epoch, cfg.epochs + 1), desc="train", unit="epoch", initial=state.next_epoch - 1,
+                  total=cfg.epochs, disable=not world.is_main)
     for epoch in epochs:
         if state.stale_epochs >= cfg.patience:
             break
@@ -296,8 +307,9 @@ def _fit(
         torch.manual_seed(params.base.seed + epoch)
         generator = torch.Generator().manual_seed(params.base.seed + epoch)
         train_loss = train_one_epoch(
-            state.model, train, state.optimizer, state.scheduler, loss_fn, cfg, generator, amp_dtype, state.scaler
+            state.model, train, state.optimizer, state.scheduler, loss_fn, cfg, generator, amp_dtype, state.scaler, world
         )
+        sync_buffers(state.model, world)  # every rank now evaluates rank 0's model: same decisions everywhere
         row = {"epoch": epoch, "train_loss": train_loss, **evaluate_split(state.model, val, loss_fn, 256)}
         row["lr"] = state.optimizer.param_groups[0]["lr"]
         row["seconds"] = time.perf_counter() - tick
@@ -308,8 +320,9 @@ def _fit(
         else:
             state.stale_epochs += 1
         state.next_epoch = epoch + 1
-        _write_history(paths.history, state.history)
-        _save_resume_point(state, paths.last_checkpoint, fingerprint)
+        if world.is_main:
+            _write_history(paths.history, state.history)
+            _save_resume_point(state, paths.last_checkpoint, fingerprint)
         epochs.set_postfix(loss=f"{train_loss:.3f}", val_f1=f"{row['val_macro_f1']:.3f}")
 
 
@@ -321,6 +334,7 @@ def _write_outputs(
     device: torch.device,
     started: float,
     resumed_from: int,
+    world: World = SINGLE_PROCESS,
 ) -> None:
     bank_sha = load_json_sha(paths)
     model = state.model.to("cpu").to(memory_format=torch.contiguous_format)
@@ -344,6 +358,7 @@ def _write_outputs(
             "seconds": time.perf_counter() - started,
             "device": str(device),
             "resumed_from": resumed_from,
+            "world_size": world.size,
             "classes": classes,
         },
     )
