@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.errors import CwtopsError
 
@@ -102,6 +102,17 @@ class TritonConfig(Section):
     instance_count: int = Field(1, ge=1, le=64)
     instance_kind: Literal["KIND_CPU", "KIND_GPU"] = "KIND_CPU"
     intra_op_threads: int = Field(1, ge=0)
+    # TensorRT as ONNX Runtime's execution accelerator on GPU instances (the NGC container has it).
+    gpu_accelerator: Literal["none", "tensorrt"] = "none"
+    tensorrt_precision: Literal["FP32", "FP16"] = "FP16"
+    tensorrt_workspace_bytes: int = Field(1 << 30, ge=1 << 20)
+
+    @model_validator(mode="after")
+    def _accelerator_needs_gpu(self) -> "TritonConfig":
+        if self.gpu_accelerator != "none" and self.instance_kind != "KIND_GPU":
+            raise ValueError(f"gpu_accelerator '{self.gpu_accelerator}' runs on GPU instances: set instance_kind: KIND_GPU "
+                             "or gpu_accelerator: none")
+        return self
 
 
 class RolloutConfig(Section):

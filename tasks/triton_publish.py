@@ -160,9 +160,23 @@ def render_config(name: str, signature: ModelSignature, params: Params, versions
         "output [\n" + outputs + "\n]\n"
         f"dynamic_batching {{\n{batching}  max_queue_delay_microseconds: {cfg.max_queue_delay_us}\n}}\n"
         f"instance_group [ {{ count: {cfg.instance_count} kind: {cfg.instance_kind} }} ]\n"
-        f'parameters {{ key: "intra_op_thread_count" value: {{ string_value: "{threads}" }} }}\n'
+        + _accelerator_block(cfg)
+        + f'parameters {{ key: "intra_op_thread_count" value: {{ string_value: "{threads}" }} }}\n'
         'parameters { key: "inter_op_thread_count" value: { string_value: "1" } }\n'
         f'parameters {{ key: "class_names" value: {{ string_value: {_pbtxt_string(json.dumps(list(signature.class_names)))} }} }}\n'
+    )
+
+
+def _accelerator_block(cfg: object) -> str:
+    """`optimization` block for TensorRT on GPU instances (Triton's ONNX Runtime backend option)."""
+    if cfg.gpu_accelerator != "tensorrt":
+        return ""
+    return (
+        "optimization { execution_accelerators { gpu_execution_accelerator : [ {\n"
+        '  name : "tensorrt"\n'
+        f'  parameters {{ key: "precision_mode" value: "{cfg.tensorrt_precision}" }}\n'
+        f'  parameters {{ key: "max_workspace_size_bytes" value: "{cfg.tensorrt_workspace_bytes}" }}\n'
+        "} ] } }\n"
     )
 
 

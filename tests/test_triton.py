@@ -113,6 +113,37 @@ def test_config_is_derived_from_the_onnx_model(models: Models, tmp_path: Path) -
     assert json.dumps(json.dumps(CLASS_NAMES)) in text  # class names as an escaped JSON string parameter
 
 
+def test_tensorrt_accelerator_option_for_gpu_instances(models: Models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks.config import params_from_dict
+    from tasks.errors import CwtopsError
+    from tasks.triton_publish import model_config_from_onnx
+
+    raw = make_params(tmp_path).model_dump(mode="json")
+    assert "execution_accelerators" not in model_config_from_onnx(models.a, params_from_dict(raw), MODEL)
+    raw["triton"].update(instance_kind="KIND_GPU", gpu_accelerator="tensorrt", tensorrt_precision="FP16")
+    text = model_config_from_onnx(models.a, params_from_dict(raw), MODEL)
+    assert 'gpu_execution_accelerator : [ {\n  name : "tensorrt"' in text
+    assert 'key: "precision_mode" value: "FP16"' in text and "kind: KIND_GPU" in text
+    raw["triton"]["instance_kind"] = "KIND_CPU"
+    with pytest.raises(CwtopsError, match="gpu_accelerator"):
+        params_from_dict(raw)  # TensorRT on a CPU instance is refused, not ignored
+
+    # The local backend reads the same block (as Triton hands it over: JSON, parameters as a map).
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
+    spec = importlib.util.spec_from_file_location("cwtops_ort_backend_trt", ROOT / "tasks" / "triton_backend" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module.ort, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    config = {"optimization": {"execution_accelerators": {"gpu_execution_accelerator": [
+        {"name": "tensorrt", "parameters": {"precision_mode": "FP16", "max_workspace_size_bytes": "1073741824"}}]}}}
+    chosen = module.providers({"model_instance_kind": "GPU", "model_instance_device_id": "1"}, config)
+    assert [p if isinstance(p, str) else p[0] for p in chosen] == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert chosen[0][1] == {"device_id": 1, "trt_fp16_enable": True, "trt_max_workspace_size": 1073741824}
+    assert module.providers({"model_instance_kind": "GPU"}, {})[0][0] == "CUDAExecutionProvider"
+    assert module.providers({"model_instance_kind": "CPU"}, config) == ["CPUExecutionProvider"]
+
+
 def test_fixed_batch_axis_and_unsafe_names_are_refused(models: Models, tmp_path: Path) -> None:
     from tasks.triton_publish import model_config_from_onnx
 

@@ -63,12 +63,33 @@ def session_options(parameters: dict[str, str]) -> ort.SessionOptions:
     return options
 
 
-def providers(args: dict[str, str]) -> list:
-    """CUDA for a KIND_GPU instance when onnxruntime-gpu provides it, CPU otherwise."""
+def providers(args: dict[str, str], config: dict | None = None) -> list:
+    """TensorRT (when the config asks and onnxruntime-gpu has it), then CUDA, for a KIND_GPU
+    instance; CPU always last, so a missing GPU provider degrades instead of failing the load."""
     chosen: list = ["CPUExecutionProvider"]
-    if args.get("model_instance_kind") == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
-        chosen.insert(0, ("CUDAExecutionProvider", {"device_id": int(args.get("model_instance_device_id", "0"))}))
+    if args.get("model_instance_kind") != "GPU":
+        return chosen
+    available = ort.get_available_providers()
+    device = int(args.get("model_instance_device_id", "0"))
+    if "CUDAExecutionProvider" in available:
+        chosen.insert(0, ("CUDAExecutionProvider", {"device_id": device}))
+    tensorrt = _tensorrt_options(config or {})
+    if tensorrt is not None and "TensorrtExecutionProvider" in available:
+        chosen.insert(0, ("TensorrtExecutionProvider", {"device_id": device, **tensorrt}))
     return chosen
+
+
+def _tensorrt_options(config: dict) -> dict | None:
+    """The `gpu_execution_accelerator` entry named tensorrt, as ONNX Runtime provider options."""
+    accelerators = config.get("optimization", {}).get("execution_accelerators", {}).get("gpu_execution_accelerator", [])
+    for accelerator in accelerators:
+        if accelerator.get("name") == "tensorrt":
+            parameters = accelerator.get("parameters", {})
+            return {
+                "trt_fp16_enable": parameters.get("precision_mode", "FP32") == "FP16",
+                "trt_max_workspace_size": int(parameters.get("max_workspace_size_bytes", 1 << 30)),
+            }
+    return None
 
 
 def triton_error(message: str, invalid: bool) -> Any:
@@ -88,7 +109,7 @@ class TritonPythonModel:
         self.outputs = [o["name"] for o in config["output"]]
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         path = os.path.join(args["model_repository"], args["model_version"], config.get("default_model_filename") or "model.onnx")
-        self.session = ort.InferenceSession(path, session_options(parameters), providers=providers(args))
+        self.session = ort.InferenceSession(path, session_options(parameters), providers=providers(args, config))
         self._check_names(path)
 
     def _check_names(self, path: str) -> None:
