@@ -167,6 +167,7 @@ class TrainState:
     history: list[dict]
     best_state: dict
     best_f1: float = -1.0
+    best_loss: float = float("inf")  # breaks ties: a small validation set saturates macro-F1 early
     best_epoch: int = 0
     stale_epochs: int = 0
     next_epoch: int = 1
@@ -182,6 +183,7 @@ def _save_resume_point(state: TrainState, path: Path, fingerprint: str) -> None:
         "history": state.history,
         "best_state": state.best_state,
         "best_f1": state.best_f1,
+        "best_loss": state.best_loss,
         "best_epoch": state.best_epoch,
         "stale_epochs": state.stale_epochs,
         "next_epoch": state.next_epoch,
@@ -208,6 +210,7 @@ def _try_resume(state: TrainState, path: Path, fingerprint: str) -> int:
     state.scaler.load_state_dict(saved["scaler"])
     state.history, state.best_state = list(saved["history"]), saved["best_state"]
     state.best_f1, state.best_epoch = float(saved["best_f1"]), int(saved["best_epoch"])
+    state.best_loss = float(saved.get("best_loss", float("inf")))
     state.stale_epochs, state.next_epoch = int(saved["stale_epochs"]), int(saved["next_epoch"])
     return state.next_epoch - 1
 
@@ -314,8 +317,8 @@ def _fit(
         row["lr"] = state.optimizer.param_groups[0]["lr"]
         row["seconds"] = time.perf_counter() - tick
         state.history.append(row)
-        if row["val_macro_f1"] > state.best_f1:
-            state.best_f1, state.best_epoch, state.stale_epochs = row["val_macro_f1"], epoch, 0
+        if (row["val_macro_f1"], -row["val_loss"]) > (state.best_f1, -state.best_loss):
+            state.best_f1, state.best_loss, state.best_epoch, state.stale_epochs = row["val_macro_f1"], row["val_loss"], epoch, 0
             state.best_state = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
         else:
             state.stale_epochs += 1
