@@ -18,6 +18,18 @@ DEFAULT_PARAMS = Path("params.yaml")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
+def _checked_s3(value: str, for_triton: bool) -> str:
+    """An `s3://` location must parse (the endpoint and credentials come from the environment)."""
+    if value.startswith("s3://"):
+        from tasks.s3 import parse_s3_url
+
+        try:
+            parse_s3_url(value, for_triton=for_triton)
+        except CwtopsError as error:
+            raise ValueError(str(error)) from None
+    return value
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -87,7 +99,12 @@ class MlflowConfig(Section):
     port: int = Field(5000, ge=1, le=65535)
     experiment: str = "cwtops"
     backend_store: str = "sqlite:///mlflow/mlflow.db"
-    artifacts_destination: str = "mlflow/artifacts"
+    artifacts_destination: str = "mlflow/artifacts"  # a folder, or s3://bucket/prefix (docs/s3.md)
+
+    @field_validator("artifacts_destination")
+    @classmethod
+    def _s3_destination(cls, value: str) -> str:
+        return _checked_s3(value, for_triton=False)
 
 
 class TritonConfig(Section):
@@ -95,7 +112,7 @@ class TritonConfig(Section):
     http_port: int = Field(8000, ge=1, le=65535)
     grpc_port: int = Field(8001, ge=1, le=65535)
     metrics_port: int = Field(8002, ge=1, le=65535)
-    model_repository: str = "model_repository"
+    model_repository: str = "model_repository"  # a folder, or s3://bucket/prefix (docs/s3.md)
     max_batch_size: int = Field(64, ge=1, le=4096)
     preferred_batch_sizes: tuple[int, ...] = (8, 16, 32)
     max_queue_delay_us: int = Field(2000, ge=0)
@@ -113,6 +130,11 @@ class TritonConfig(Section):
             raise ValueError(f"gpu_accelerator '{self.gpu_accelerator}' runs on GPU instances: set instance_kind: KIND_GPU "
                              "or gpu_accelerator: none")
         return self
+
+    @field_validator("model_repository")
+    @classmethod
+    def _s3_repository(cls, value: str) -> str:
+        return _checked_s3(value, for_triton=True)
 
 
 class RolloutConfig(Section):

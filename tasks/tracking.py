@@ -4,7 +4,8 @@
 `mlflow.host:mlflow.port` (127.0.0.1:5000 by default). The local server is a real
 `mlflow server`: SQLite store (`mlflow.backend_store`, relative paths from the project root),
 artifacts proxied by the server from `mlflow.artifacts_destination` (a folder, or an `s3://`
-URI with `MLFLOW_S3_ENDPOINT_URL` and AWS credentials in the environment for MinIO or moto).
+URI with the endpoint in `AWS_ENDPOINT_URL_S3` or `MLFLOW_S3_ENDPOINT_URL` and AWS credentials in the
+environment for MinIO or moto; docs/s3.md).
 `MLFLOW_BACKEND_STORE_URI` and `MLFLOW_ARTIFACTS_DESTINATION`, the variables `mlflow server`
 itself reads, override the params. PID, log and start details live under the state dir
 (`CWTOPS_STATE_DIR`, default `.cwtops/`) in `mlflow/`.
@@ -89,6 +90,12 @@ def server_env(params: Params) -> dict[str, str]:
     for key, value in SERVER_ENV_DEFAULTS.items():
         env.setdefault(key, value)
     env.setdefault("MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY", _encryption_key(params))
+    if artifacts_destination(params).startswith("s3://"):
+        from tasks.s3 import endpoint_url
+
+        endpoint = endpoint_url()  # AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL: one variable for DVC, MLflow and Triton
+        if endpoint:
+            env.setdefault("MLFLOW_S3_ENDPOINT_URL", endpoint)
     return env
 
 
@@ -135,6 +142,10 @@ def _prepare_storage(params: Params) -> None:
     destination = artifacts_destination(params)
     if "://" not in destination:
         Path(destination).mkdir(parents=True, exist_ok=True)
+    elif destination.startswith("s3://"):  # else the server starts and only the first artifact upload fails
+        from tasks.s3 import check_bucket, parse_s3_url
+
+        check_bucket(parse_s3_url(destination))
 
 
 @contextlib.contextmanager

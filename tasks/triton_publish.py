@@ -12,6 +12,9 @@ new one, Triton loads it next to the old ones (and the check is repeated there),
 lists the new version alone and Triton retires the others. Unversioned requests reach
 the highest READY version, so they are answered at every step, also when an older version is
 promoted. Any failure restores the previous config and version set; the old version keeps serving.
+
+The repository is a folder or `s3://bucket/prefix` (`open_repository`; tasks/s3.py): the same steps,
+with a version's file uploaded and verified before the config that names it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import onnx
@@ -272,26 +276,90 @@ def _publish_lock(model: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _version_is_new(model_dir: Path, version: int, onnx_path: Path) -> bool:
+class ModelRepository(Protocol):
+    """What publishing needs from a model repository; keys are `/`-separated paths relative to its root."""
+
+    def describe(self, key: str) -> str: ...
+    def read_text(self, key: str) -> str | None: ...
+    def write_text(self, key: str, text: str) -> None: ...
+    def delete(self, key: str) -> None: ...
+    def remove_tree(self, key: str) -> None: ...
+    def has_model(self, name: str) -> bool: ...
+    def sha256(self, key: str) -> str | None: ...
+    def write_version(self, name: str, version: int, onnx_path: Path) -> None: ...
+    def fetch(self, key: str) -> contextlib.AbstractContextManager[Path | None]: ...
+
+
+class LocalRepository:
+    """Triton's model repository in a folder (on S3: tasks.s3.S3ModelRepository)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def describe(self, key: str) -> str:
+        return str(self.root / key)
+
+    def read_text(self, key: str) -> str | None:
+        path = self.root / key
+        return path.read_text() if path.exists() else None
+
+    def write_text(self, key: str, text: str) -> None:
+        write_text(self.root / key, text)
+
+    def delete(self, key: str) -> None:
+        (self.root / key).unlink(missing_ok=True)
+
+    def remove_tree(self, key: str) -> None:
+        shutil.rmtree(self.root / key, ignore_errors=True)
+
+    def has_model(self, name: str) -> bool:
+        return (self.root / name).exists()
+
+    def sha256(self, key: str) -> str | None:
+        path = self.root / key
+        return sha256_file(path) if path.exists() else None
+
+    def write_version(self, name: str, version: int, onnx_path: Path) -> None:
+        with atomic_dir(self.root / name / str(version)) as staging:
+            shutil.copyfile(onnx_path, staging / "model.onnx")
+
+    @contextlib.contextmanager
+    def fetch(self, key: str) -> Iterator[Path | None]:
+        path = self.root / key
+        yield path if path.exists() else None
+
+
+def open_repository(params: Params) -> ModelRepository:
+    """The model repository of `triton.model_repository`: a folder, or `s3://bucket/prefix` (tasks.s3)."""
+    location = params.triton.model_repository
+    if location.startswith("s3://"):
+        from tasks.s3 import S3ModelRepository
+
+        return S3ModelRepository(location)
+    return LocalRepository(Path(location))
+
+
+def _version_is_new(repository: ModelRepository, name: str, version: int, onnx_path: Path) -> bool:
     """False when the same bytes are published already; refuses other bytes under a taken number."""
-    target = model_dir / str(version) / "model.onnx"
-    if not target.exists():
+    key = f"{name}/{version}/model.onnx"
+    existing = repository.sha256(key)
+    if existing is None:
         return True
-    if sha256_file(target) != sha256_file(onnx_path):
+    if existing != sha256_file(onnx_path):
         raise CwtopsError(
-            f"{target} already holds other bytes for version {version}; a published version is immutable "
+            f"{repository.describe(key)} already holds other bytes for version {version}; a published version is immutable "
             "(the existing one keeps serving): publish the new model under a new version number"
         )
     return False
 
 
-def _side_by_side(model_dir: Path, served: list[int], version: int, signature: ModelSignature) -> list[int]:
+def _side_by_side(repository: ModelRepository, name: str, served: list[int], version: int, signature: ModelSignature) -> list[int]:
     """Served versions that can share the new config (same tensors and classes) during the roll-out."""
     shareable = []
-    for other in served:
-        path = model_dir / str(other) / "model.onnx"
-        if other != version and path.exists() and read_signature(path) == signature:
-            shareable.append(other)
+    for other in (v for v in served if v != version):
+        with repository.fetch(f"{name}/{other}/model.onnx") as path:
+            if path is not None and read_signature(path) == signature:
+                shareable.append(other)
     return shareable
 
 
@@ -299,23 +367,24 @@ def _side_by_side(model_dir: Path, served: list[int], version: int, signature: M
 class _Snapshot:
     """What the repository and Triton looked like before: restored on any failure."""
 
-    model_dir: Path
+    repository: ModelRepository
+    name: str
     existed: bool
     config: str | None
     labels: str | None
     served: list[int]
 
     @classmethod
-    def take(cls, model_dir: Path, served: list[int]) -> _Snapshot:
-        read = lambda p: p.read_text() if p.exists() else None  # noqa: E731
-        return cls(model_dir, model_dir.exists(), read(model_dir / "config.pbtxt"), read(model_dir / LABELS_FILE), served)
+    def take(cls, repository: ModelRepository, name: str, served: list[int]) -> _Snapshot:
+        read = repository.read_text
+        return cls(repository, name, repository.has_model(name), read(f"{name}/config.pbtxt"), read(f"{name}/{LABELS_FILE}"), served)
 
     def restore(self, url: str, name: str, version: int, created: bool) -> None:
         for file, text in (("config.pbtxt", self.config), (LABELS_FILE, self.labels)):
             if text is None:
-                (self.model_dir / file).unlink(missing_ok=True)
+                self.repository.delete(f"{name}/{file}")
             else:
-                write_text(self.model_dir / file, text)
+                self.repository.write_text(f"{name}/{file}", text)
         client = connect(url)
         with contextlib.suppress(Exception):  # best effort: the old config is back on disk either way
             if self.served:
@@ -323,18 +392,19 @@ class _Snapshot:
             else:
                 client.unload_model(name, headers=admin_headers())
         if created:
-            shutil.rmtree(self.model_dir / str(version), ignore_errors=True)
+            self.repository.remove_tree(f"{name}/{version}")
         if not self.existed:
-            shutil.rmtree(self.model_dir, ignore_errors=True)
+            self.repository.remove_tree(name)
 
 
-def _write(model_dir: Path, version: int, onnx_path: Path, created: bool, config: str, signature: ModelSignature) -> None:
+def _write(repository: ModelRepository, name: str, version: int, onnx_path: Path, created: bool, config: str,
+           signature: ModelSignature) -> None:
+    """The version first, the config last: a config never names a version whose file is not complete."""
     if created:
-        with atomic_dir(model_dir / str(version)) as staging:
-            shutil.copyfile(onnx_path, staging / "model.onnx")
+        repository.write_version(name, version, onnx_path)
     if signature.class_names:
-        write_text(model_dir / LABELS_FILE, "\n".join(signature.class_names) + "\n")
-    write_text(model_dir / "config.pbtxt", config)
+        repository.write_text(f"{name}/{LABELS_FILE}", "\n".join(signature.class_names) + "\n")
+    repository.write_text(f"{name}/config.pbtxt", config)
 
 
 def _wait_for(condition: object, timeout: float, what: str) -> None:
@@ -369,21 +439,20 @@ def _served_parity(url: str, name: str, version: int, reference: tuple[np.ndarra
     return float(error.max())
 
 
-def _verify_staged(url: str, repository: Path, candidate: _Candidate, params: Params, timeout: float) -> None:
+def _verify_staged(url: str, repository: ModelRepository, candidate: _Candidate, params: Params, timeout: float) -> None:
     """Served parity under a staging name: unversioned requests reach the highest READY version,
     so a new version is checked where no client sends requests before it joins the real model."""
     staging = candidate.name + STAGING_SUFFIX
-    folder = repository / staging
-    shutil.rmtree(folder, ignore_errors=True)
+    repository.remove_tree(staging)
     try:
         config = render_config(staging, candidate.signature, params, [candidate.version])
-        _write(folder, candidate.version, candidate.onnx_path, True, config, candidate.signature)
+        _write(repository, staging, candidate.version, candidate.onnx_path, True, config, candidate.signature)
         _load(url, staging, [candidate.version], timeout)
         _served_parity(url, staging, candidate.version, candidate.reference, params)
     finally:
         with contextlib.suppress(Exception):  # the folder goes either way; Triton forgets an unloaded model
             connect(url).unload_model(staging, headers=admin_headers())
-        shutil.rmtree(folder, ignore_errors=True)
+        repository.remove_tree(staging)
 
 
 @dataclass(frozen=True)
@@ -409,19 +478,19 @@ def _check(onnx_path: Path, version: int, params: Params, reference: Path | None
     return _Candidate(name, version, onnx_path, signature, data)
 
 
-def _roll_out(url: str, model_dir: Path, candidate: _Candidate, params: Params, previous: list[int], retire_others: bool,
+def _roll_out(url: str, repository: ModelRepository, candidate: _Candidate, params: Params, previous: list[int], retire_others: bool,
               created: bool, timeout: float) -> tuple[list[int], float | None]:
     """Serve next to the shareable old versions, check through Triton, then (optionally) retire the others."""
     name, version = candidate.name, candidate.version
     if candidate.reference is not None:  # before any client can reach it
-        _verify_staged(url, model_dir.parent, candidate, params, timeout)
-    alongside = _side_by_side(model_dir, previous, version, candidate.signature)
+        _verify_staged(url, repository, candidate, params, timeout)
+    alongside = _side_by_side(repository, name, previous, version, candidate.signature)
     config = render_config(name, candidate.signature, params, [*alongside, version])
-    _write(model_dir, version, candidate.onnx_path, created, config, candidate.signature)
+    _write(repository, name, version, candidate.onnx_path, created, config, candidate.signature)
     _load(url, name, [*alongside, version], timeout)
     error = _served_parity(url, name, version, candidate.reference, params) if candidate.reference else None
     if retire_others and alongside:
-        write_text(model_dir / "config.pbtxt", render_config(name, candidate.signature, params, [version]))
+        repository.write_text(f"{name}/config.pbtxt", render_config(name, candidate.signature, params, [version]))
         _load(url, name, [version], timeout)
     if retire_others:  # unversioned requests reach the highest READY version: only this one may be left
         _wait_for(lambda: served_versions(url, name) == [version], timeout, f"{name}: versions other than {version} not retired")
@@ -441,13 +510,13 @@ def publish_version(onnx_path: Path, version: int, params: Params, *, reference:
     started = time.monotonic()
     candidate = _check(Path(onnx_path), version, params, reference)
     url = url or http_url(params)
-    model_dir = Path(params.triton.model_repository) / candidate.name
+    repository = open_repository(params)
     with _publish_lock(candidate.name):
-        created = _version_is_new(model_dir, version, candidate.onnx_path)
+        created = _version_is_new(repository, candidate.name, version, candidate.onnx_path)
         previous = served_versions(url, candidate.name)
-        snapshot = _Snapshot.take(model_dir, previous)
+        snapshot = _Snapshot.take(repository, candidate.name, previous)
         try:
-            retired, error = _roll_out(url, model_dir, candidate, params, previous, retire_others, created, timeout)
+            retired, error = _roll_out(url, repository, candidate, params, previous, retire_others, created, timeout)
         except Exception as failure:
             snapshot.restore(url, candidate.name, version, created)
             serving = f"versions {previous} keep serving" if previous else "nothing was serving before"

@@ -6,7 +6,8 @@ Triton's Python backend and a Python-based backend named `onnxruntime`
 loads through it, the same config.pbtxt the NGC container serves natively. The backend's stub
 runs this project's Python environment (onnxruntime, numpy). The server binds to 127.0.0.1, runs
 with explicit model control, and loads at start every model whose version folders are already in
-the repository, so a restarted server serves what was published.
+the repository, so a restarted server serves what was published. The repository is a folder or
+`s3://bucket/prefix` (tasks/s3.py: endpoint and credentials from the environment, docs/s3.md).
 
 With `CWTOPS_TRITON_API_KEY` set, the model-repository API (load, unload, index) and the logging
 and trace APIs answer only requests that carry the header `cwtops-api-key: <key>`.
@@ -126,12 +127,31 @@ def models_on_disk(repository: Path) -> list[str]:
     )
 
 
+def repository_location(params: Params) -> tuple[str, list[str]]:
+    """Triton's `--model-repository` value and the models in it to load at start.
+
+    A folder is created when absent; `s3://bucket/prefix` becomes Triton's own spelling with the
+    endpoint from the environment (tasks.s3.triton_url), after checking that the bucket answers.
+    """
+    location = params.triton.model_repository
+    if location.startswith("s3://"):
+        from tasks import s3
+
+        repository = s3.S3ModelRepository(location)
+        s3.check_bucket(repository.location, repository.s3)
+        repository.ensure_exists()
+        return s3.triton_url(repository.location), repository.models(STAGING_SUFFIX)
+    folder = Path(location).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder), models_on_disk(folder)
+
+
 def _ports(params: Params, http_port: int | None, grpc_port: int | None, metrics_port: int | None) -> dict[str, int]:
     cfg = params.triton
     return {"http": http_port or cfg.http_port, "grpc": grpc_port or cfg.grpc_port, "metrics": metrics_port or cfg.metrics_port}
 
 
-def _command(params: Params, ports: dict[str, int], repository: Path, backends: Path) -> list[str]:
+def _command(params: Params, ports: dict[str, int], repository: str, models: list[str], backends: Path) -> list[str]:
     host = params.triton.host
     command = [
         str(_binary()), f"--model-repository={repository}", f"--backend-directory={backends}",
@@ -142,7 +162,7 @@ def _command(params: Params, ports: dict[str, int], repository: Path, backends: 
         # a model that fails to load is reported by `status`; it must not keep the others down
         "--exit-on-error=false", "--strict-readiness=false", "--exit-timeout-secs=15", "--log-verbose=0",
     ]
-    command += [f"--load-model={name}" for name in models_on_disk(repository)]
+    command += [f"--load-model={name}" for name in models]
     key = api_key()
     if key:
         command.append(f"--http-restricted-api={RESTRICTED_APIS}:{API_KEY_HEADER}={key}")
@@ -209,11 +229,10 @@ def start(params: Params, wait: float = 60.0, *, http_port: int | None = None, g
         return ServerInfo(url, running, False, str(TRITON.log_file), model_states(url))
     if is_ready(url):  # one this state directory did not start (another checkout, a container): use it
         return ServerInfo(url, None, False, f"(not started from {state_dir()})", model_states(url))
-    repository = Path(params.triton.model_repository).resolve()
-    repository.mkdir(parents=True, exist_ok=True)
+    repository, models = repository_location(params)
     backends = build_backends((state_dir() / "triton" / "backends").resolve())
-    pid = TRITON.launch(_command(params, ports, repository, backends), server_environment())
-    _record_file().write_text(json.dumps({"url": url, "ports": ports, "repository": str(repository), "pid": pid}))
+    pid = TRITON.launch(_command(params, ports, repository, models, backends), server_environment())
+    _record_file().write_text(json.dumps({"url": url, "ports": ports, "repository": repository, "pid": pid}))
     try:
         _wait_ready(url, pid, wait)
     except CwtopsError:

@@ -98,3 +98,20 @@ def harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture()
+def params(in_project: Path):
+    """The built project's params, loaded from inside it."""
+    from tasks.config import load_params
+
+    return load_params()
+
+
+def new_version(params) -> int:
+    """A new registry version: a new tracked run of the same artifacts, registered (what a retrain gives)."""
+    from tasks.registry import register
+    from tasks.track import run as track_run
+
+    track_run(params)
+    return register(params).version

@@ -13,24 +13,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import BIN, free_port, run
+from tests.conftest import BIN, free_port, new_version, run
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture()
-def params(in_project: Path):
-    from tasks.config import load_params
-
-    return load_params()
-
-
-def _new_version(params) -> int:
-    from tasks.registry import register
-    from tasks.track import run as track_run
-
-    track_run(params)
-    return register(params).version
 
 
 def _status(params, version: int) -> str | None:
@@ -60,7 +45,7 @@ def test_triton_killed_during_rollout_then_restarted_converges(in_project: Path,
     from tasks.triton_server import TRITON
 
     reconcile(params)  # converged start
-    newer = _new_version(params)
+    newer = new_version(params)
     promote(params, newer)
     outcome: list = []
     worker = threading.Thread(target=lambda: outcome.append(reconcile(params)))
@@ -113,7 +98,7 @@ def test_reconciler_alone_rolls_out_within_90_seconds_under_serve(in_project: Pa
                                                                     triton_server: str, services_env: dict,
                                                                     tmp_path: Path) -> None:
     """`cwtops serve --no-webhook`: the scheduled reconciler (every 60 s) is the only path."""
-    newer = _new_version(params)
+    newer = new_version(params)
     port = free_port()
     env = {**services_env, "CWTOPS_PREFECT_PORT": str(port), "PREFECT_HOME": str(tmp_path / "prefect")}
     env.pop("PREFECT_API_URL", None)

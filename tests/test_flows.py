@@ -9,25 +9,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import BIN, run
+from tests.conftest import BIN, new_version, run
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture()
-def params(in_project: Path):
-    from tasks.config import load_params
-
-    return load_params()
-
-
-def _new_version(params) -> int:
-    """A new registry version: a new tracked run of the same artifacts, registered (what a retrain gives)."""
-    from tasks.registry import register
-    from tasks.track import run as track_run
-
-    track_run(params)
-    return register(params).version
 
 
 def _wait_served(params, url: str, version: int, timeout: float) -> float:
@@ -91,7 +75,7 @@ def test_webhook_promotion_rolls_out_within_15_seconds(harness, in_project: Path
     from tasks.rollout import reconcile
 
     reconcile(params)  # start from a converged state
-    newer = _new_version(params)
+    newer = new_version(params)
     secret = "test-secret-" + str(time.time())
     start_receiver(params, str(in_project / "params.yaml"), secret)
     receiver = f"http://{params.rollout.webhook_host}:{params.rollout.webhook_port}/mlflow/webhook"
@@ -117,7 +101,7 @@ def test_reconciler_converges_without_webhook_under_steady_load(in_project: Path
     from tasks.triton_client import connect, infer
 
     signal = np.load(in_project / "artifacts/parity/reference.npz")["inputs"][:1]
-    newer = _new_version(params)
+    newer = new_version(params)
     promote(params, newer)
     failures: list[str] = []
     sent = [0]
@@ -160,7 +144,7 @@ def test_version_with_corrupted_onnx_is_not_rolled_out(in_project: Path, params,
     from tasks.triton_publish import served_version
 
     serving = served_version(params, triton_server) or resolve_version(params, None)
-    bad = _new_version(params)
+    bad = new_version(params)
     client = MlflowClient(tracking_uri=tracking_uri(params))
     client.set_model_version_tag(params.base.model_name, str(bad), "onnx_sha256", "0" * 64)  # what tampering looks like
     promote(params, bad)
