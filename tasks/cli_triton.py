@@ -51,10 +51,10 @@ def status_command(params_path: Path = ParamsOption) -> None:
 
 
 def next_version_on_disk(params: Params) -> int:
-    """1 + the highest version folder of the model in the repository (1 for a new model)."""
-    folder = Path(params.triton.model_repository) / params.base.model_name
-    versions = [int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()] if folder.is_dir() else []
-    return max(versions, default=0) + 1
+    """1 + the highest version of the model in the repository, a folder or S3 (1 for a new model)."""
+    from tasks.triton_publish import open_repository
+
+    return max(open_repository(params).versions(params.base.model_name), default=0) + 1
 
 
 def publish_command(

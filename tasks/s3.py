@@ -219,6 +219,10 @@ class S3ModelRepository:
         page = self.s3.list_objects_v2(Bucket=self.location.bucket, Prefix=self.location.key(name) + "/", MaxKeys=1)
         return bool(page.get("KeyCount"))
 
+    def versions(self, name: str) -> list[int]:
+        """Version numbers with a folder under `<name>/`."""
+        return sorted(int(v) for v in list_folders(self.s3, self.location.bucket, self.location.key(name)) if v.isdigit())
+
     def sha256(self, key: str) -> str | None:
         return _object_sha256(self.s3, self.location.bucket, self.location.key(key))
 

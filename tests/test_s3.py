@@ -263,6 +263,7 @@ def test_triton_loads_a_version_published_to_s3_and_serves_it(s3_triton: TritonO
 
 @slow
 def test_s3_rollout_retires_the_old_version_and_a_failed_one_is_rolled_back(s3_triton: TritonOnS3, moto: Moto) -> None:
+    from tasks.cli_triton import next_version_on_disk
     from tasks.triton_publish import publish_version, served_versions
 
     config_key = f"{s3_triton.prefix}/tiny/config.pbtxt"
@@ -278,6 +279,7 @@ def test_s3_rollout_retires_the_old_version_and_a_failed_one_is_rolled_back(s3_t
     with pytest.raises(CwtopsError, match="immutable"):  # other bytes under a taken number, refused before any write
         publish_version(s3_triton.a, 2, s3_triton.params, url=s3_triton.url)
     assert served_versions(s3_triton.url, "tiny") == [2]
+    assert next_version_on_disk(s3_triton.params) == 3  # `cwtops publish --onnx` numbers from the bucket
     served, expected = _served_logits(s3_triton, s3_triton.b)
     np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-5)
 
