@@ -42,9 +42,9 @@ def published(dataset: str) -> dict[str, float]:
 
 
 def ucr_params(length: int) -> dict:
-    """Defaults, adapted to a short series: keep ~128 time steps for the head, train longer."""
+    """Defaults, adapted to a short series: keep ~256 time steps for the head, train longer."""
     raw = yaml.safe_load((Path(__file__).resolve().parent.parent / "params.yaml").read_text())
-    raw["parse"]["hop"] = max(1, min(8, length // 128))
+    raw["parse"]["hop"] = max(1, min(8, length // 256))
     raw["balance"]["val_fraction"] = 0.2
     raw["train"].update({"epochs": 80, "patience": 30, "batch_size": 16, "dropout": 0.3})
     return raw
