@@ -6,9 +6,9 @@ import importlib
 import time
 from pathlib import Path
 
-from bench.common import RESULTS_DIR, write_json
+from bench.common import RESULTS_DIR, print_table, write_json
 
-BENCHMARKS = ("bench_frontend", "bench_parser", "bench_onnx", "bench_train", "bench_serving", "bench_mlflow", "bench_flow", "bench_variants")
+BENCHMARKS = ("bench_frontend", "bench_parser", "bench_onnx", "bench_train", "bench_serving", "bench_mlflow", "bench_flow", "bench_variants", "bench_ucr")
 
 
 def run_all(quick: bool = False, only: list[str] | None = None, out: Path = RESULTS_DIR / "suite.json") -> dict:
@@ -24,8 +24,60 @@ def run_all(quick: bool = False, only: list[str] | None = None, out: Path = RESU
             print(f"\n{name}: FAILED: {error}")
         results[name]["seconds"] = time.perf_counter() - tick
     summary = {name: result.get("holds") for name, result in results.items()}
-    verdict = {True: "holds", False: "MISSED", None: "not measured"}
-    print("\ntargets: " + ", ".join(f"{name.removeprefix('bench_')} {verdict[ok]}" for name, ok in summary.items()))
-    write_json(out, {"quick": quick, "seconds": time.perf_counter() - started, "results": results, "targets": summary})
+    table = targets(results)
+    print_table(f"every target ({'quick' if quick else 'full'} run, {time.perf_counter() - started:.0f} s)", table,
+                ["benchmark", "measured", "target", "holds"])
+    write_json(out, {"quick": quick, "seconds": time.perf_counter() - started, "results": results, "targets": summary,
+                     "table": table})
     print(f"wrote {out}")
     return results
+
+
+def _row(name: str, measured: str, target: str, holds: bool | None) -> dict:
+    return {"benchmark": name, "measured": measured, "target": target,
+            "holds": {True: "yes", False: "MISSED", None: "-"}[holds]}
+
+
+def _headlines(name: str, result: dict) -> list[dict]:  # noqa: PLR0911 - one branch per benchmark
+    """The figure each benchmark's target is about, from its result."""
+    rows = result.get("rows", [])
+    if name == "bench_frontend":
+        row = next(r for r in rows if r["batch"] == 64 and r["length"] == 1024)
+        return [_row("front-end vs per-layer, batch 64, L 1024", f"{row['speedup']:.1f}x", ">= 10x", result["holds"])]
+    if name == "bench_parser":
+        return [_row("weight-file parser, 10+ MB", f"{rows[0]['seconds']:.2f} s", "< 1 s", result["holds"])]
+    if name == "bench_onnx":
+        row = next(r for r in rows if r["batch"] == 1)
+        return [_row("ONNX Runtime vs PyTorch eager, batch 1", f"{row['ratio']:.1f}x", ">= 2x", result["holds"])]
+    if name == "bench_train":
+        return [_row("training vs original style, equal accuracy", f"{result['ratio']:.2f}x", ">= 3x", result["holds"])]
+    if name == "bench_serving":
+        worst = min(r["ratio"] for r in rows if r["concurrency"] >= 8)
+        return [_row("served / in-process throughput, concurrency >= 8", f"{worst:.0%}", ">= 70%", result["holds"])]
+    if name == "bench_mlflow":
+        return [_row("MLflow calls per pipeline run", f"{result['calls_per_pipeline_run']} calls, {result['seconds_in_process']:.2f} s",
+                     "-", result.get("holds"))]
+    if name == "bench_flow":
+        flow = result["flow"]
+        return [_row("flow overhead vs its steps' own time", f"{flow['overhead']:.1%}", "<= 15%", result["holds_overhead"]),
+                _row("`dvc repro` when up to date", f"{result['dvc_noop_seconds']:.2f} s", "< 5 s", result["holds_noop"]),
+                _row("promotion -> served (webhook)", f"{result['rollout_seconds']:.1f} s", "<= 15 s", result["holds_rollout"])]
+    if name == "bench_variants":
+        int8 = [r for r in rows if r["model"] == "int8"]
+        figure = ", ".join(f"{r['x_b64']:.2f}x ({r['threads']} threads), drop {r['drop_pts']:.2f} pts" for r in int8)
+        return [_row("INT8 vs float32 ONNX Runtime, batch 64", figure, ">= 1.5x within the gate", result["holds"])]
+    if name == "bench_ucr":
+        good = sum(r["competitive"] for r in rows)
+        return [_row("UCR: at least the weakest published accuracy", f"{good}/{len(rows)} datasets", "all", result["holds"])]
+    return []
+
+
+def targets(results: dict) -> list[dict]:
+    """One row per target: what was measured, the target, whether it holds (failed benchmarks say so)."""
+    table = []
+    for name, result in results.items():
+        if "error" in result:
+            table.append(_row(name.removeprefix("bench_"), f"failed: {result['error'][:60]}", "-", False))
+        else:
+            table += _headlines(name, result)
+    return table

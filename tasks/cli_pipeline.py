@@ -76,7 +76,7 @@ def rollout(
 
 def bench(
     quick: bool = typer.Option(False, "--quick", help="fewer repeats and smaller inputs"),
-    only: list[str] = typer.Option(None, "--only", help="frontend, parser, onnx, train, serving"),
+    only: list[str] = typer.Option(None, "--only", help="frontend, parser, onnx, train, serving, mlflow, flow, variants, ucr (repeat it)"),
 ) -> None:
     """Run the benchmarks: one table each, ratios against their targets, JSON under bench/results/."""
     import sys
