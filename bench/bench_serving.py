@@ -154,6 +154,14 @@ def _timed(call: Callable[[], tuple[float, list[float]]], meter: CpuMeter | None
     return result
 
 
+def _ceilings(side: dict[str, float]) -> dict[str, float]:
+    """The ratio the CPU allows when both sides are CPU-bound on the same cores: in-process CPU per
+    request over served CPU per request, with the load generator (this process) and without it."""
+    served = [side[f"served_cpu_ms_{key}"] for key in ("client", "server", "backend")]
+    return {"cpu_ceiling": side["in_process_cpu_ms"] / sum(served),
+            "cpu_ceiling_remote_client": side["in_process_cpu_ms"] / sum(served[1:])}
+
+
 def _rows(url: str, session: ort.InferenceSession, signal: np.ndarray, quick: bool, meter: CpuMeter) -> list[dict]:
     """Per concurrency: in-process and served rounds interleaved, so a busy neighbour hits both alike."""
     served_call = _served_call(url, signal)
@@ -170,6 +178,7 @@ def _rows(url: str, session: ort.InferenceSession, signal: np.ndarray, quick: bo
         total = rounds * (requests + concurrency)  # the warm-up calls count too
         side.update({"in_process_cpu_ms": 1e3 * local_cpu["client"] / total,
                      **{f"served_cpu_ms_{key}": 1e3 * value / total for key, value in served_cpu.items()}})
+        side.update(_ceilings(side))
         local_summary, served_summary = summarize(local), summarize(served)
         rows.append({
             "concurrency": concurrency, "in_process_rps": local_summary["rps"], "served_rps": served_summary["rps"],
