@@ -98,6 +98,12 @@ def test_reconciler_alone_rolls_out_within_90_seconds_under_serve(in_project: Pa
                                                                     triton_server: str, services_env: dict,
                                                                     tmp_path: Path) -> None:
     """`cwtops serve --no-webhook`: the scheduled reconciler (every 60 s) is the only path."""
+    from tasks.registry import promote
+    from tasks.rollout import reconcile
+
+    promote(params, new_version(params))
+    serving = reconcile(params).served  # production is what serves: the start-up pass has nothing to do
+    assert serving is not None
     newer = new_version(params)
     port = free_port()
     env = {**services_env, "CWTOPS_PREFECT_PORT": str(port), "PREFECT_HOME": str(tmp_path / "prefect")}
@@ -112,6 +118,8 @@ def test_reconciler_alone_rolls_out_within_90_seconds_under_serve(in_project: Pa
                                json={"name": params.base.model_name, "alias": "production", "version": str(newer)}, timeout=10)
         assert answer.ok, answer.text
         assert _wait_served(params, newer, timeout=90) <= 90
+        log.flush()
+        assert "rollout at start-up: noop" in (tmp_path / "serve.log").read_text()  # the schedule did it
     finally:
         os.killpg(serve.pid, signal.SIGTERM)
         serve.wait(60)
