@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,9 +114,10 @@ def train_one_epoch(
     amp_dtype: torch.dtype | None,
     scaler: torch.amp.GradScaler,
     world: World = SINGLE_PROCESS,
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
     model.train()
-    head = wrap_head(model, world)  # DDP under torchrun: gradients averaged over the ranks
+    head = head or wrap_head(model, world)  # DDP under torchrun: gradients averaged over the ranks
     order = torch.randperm(len(data.labels), generator=generator).to(data.labels.device)
     total, seen = 0.0, 0
     for start in range(0, len(order), cfg.batch_size):
@@ -300,6 +302,7 @@ def _fit(
 ) -> None:
     cfg = params.train
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    head = wrap_head(state.model, world)  # built once: DDP broadcasts the parameters when it is made
     epochs = tqdm(range(state.next_epoch, cfg.epochs + 1), desc="train", unit="epoch", initial=state.next_epoch - 1,
                   total=cfg.epochs, disable=not world.is_main)
     for epoch in epochs:
@@ -310,7 +313,7 @@ def _fit(
         torch.manual_seed(params.base.seed + epoch)
         generator = torch.Generator().manual_seed(params.base.seed + epoch)
         train_loss = train_one_epoch(
-            state.model, train, state.optimizer, state.scheduler, loss_fn, cfg, generator, amp_dtype, state.scaler, world
+            state.model, train, state.optimizer, state.scheduler, loss_fn, cfg, generator, amp_dtype, state.scaler, world, head
         )
         sync_buffers(state.model, world)  # every rank now evaluates rank 0's model: same decisions everywhere
         row = {"epoch": epoch, "train_loss": train_loss, **evaluate_split(state.model, val, loss_fn, 256)}
