@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import onnxruntime as ort
 import torch
 
 from bench.common import cli_main, median_seconds, print_table
+from tasks.config import TrainConfig
 from tasks.export import INPUT_NAME, OUTPUT_NAME, onnx_bytes
 from tasks.model import HybridCWTNet, ModelArgs
 from tasks.weights import generate_filter_bank
@@ -19,7 +19,8 @@ def default_model(signal_length: int = 2048, n_classes: int = 5) -> HybridCWTNet
     """The default architecture on the default Morlet bank (speed does not depend on the weights)."""
     bank, _ = generate_filter_bank()
     matrix, _ = bank.padded()
-    args = ModelArgs(n_filters=matrix.shape[0], kernel_size=matrix.shape[1], n_classes=n_classes, signal_length=signal_length)
+    args = ModelArgs(n_filters=matrix.shape[0], kernel_size=matrix.shape[1], n_classes=n_classes, signal_length=signal_length,
+                     stem=TrainConfig().stem)
     torch.manual_seed(0)
     return HybridCWTNet(args, torch.from_numpy(matrix)).eval()
 

@@ -65,6 +65,7 @@ class TrainConfig(Section):
     channels: tuple[int, int, int, int] = (8, 16, 32, 32)
     hidden: int = Field(64, ge=1)
     dropout: float = Field(0.2, ge=0, lt=1)
+    stem: Literal["pool", "strided"] = "strided"  # a stride-2 conv1, or conv1 + 2x2 max-pool (4x the cost)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
     num_workers: int = Field(0, ge=0)

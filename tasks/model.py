@@ -5,12 +5,14 @@ Shapes (defaults: S = 112 filters, L = 2048 samples, hop = 8, so T = 256 time st
     signal      (B, 1, L)
     scalogram   (B, S, T)      frozen front-end, |x * psi_s| sampled every `hop` samples
     head        conv1..conv4   2-D over (S, T), each conv3x3 + BatchNorm + ReLU + 2x2 max-pool
+                               (conv1 with `stem: strided`, the default: a stride-2 conv3x3 instead,
+                               a quarter of the cost, same output shape)
                                -> (B, c4, S/16, T/16) -> mean over time -> (B, c4 * S/16)
                 fc1, fc2       -> logits (B, C)
 
 Cost per signal with the defaults (channels 8, 16, 32, 32; hidden 64; S 112; L 2048):
 front-end 2 * S * K * T = 14.7 MFLOP (K = 257 taps, one strided convolution);
-head conv1 4.1 + conv2 16.5 + conv2 16.5 + conv4 8.3 = 45.5 MFLOP forward, about 3x that to
+head conv1 4.1 (1.0 strided) + conv2 16.5 + conv3 16.5 + conv4 8.3 = 45.5 (42.4) MFLOP forward, about 3x that to
 train. The front-end is frozen, so training computes scalograms once and feeds the head from
 memory: an epoch costs only the head (`head_flops` counts it for any configuration).
 
@@ -37,6 +39,7 @@ from tasks.errors import CwtopsError
 
 CHECKPOINT_FORMAT = "cwtops-checkpoint/1"
 Magnitude = Literal["abs", "square", "none"]
+Stem = Literal["pool", "strided"]
 Method = Literal["auto", "conv", "fft"]
 
 
@@ -160,10 +163,17 @@ class ModelArgs:
     channels: tuple[int, int, int, int] = (8, 16, 32, 32)
     hidden: int = 64
     dropout: float = 0.2
+    stem: Stem = "pool"  # conv1: 3x3 conv then 2x2 max-pool, or one stride-2 3x3 conv (4x cheaper)
     extra: dict = field(default_factory=dict)
 
 
-def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+def _conv_block(in_channels: int, out_channels: int, strided: bool = False) -> nn.Sequential:
+    if strided:  # the same /2 in both axes as conv + pool, at a quarter of the convolution's cost
+        return nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
         nn.BatchNorm2d(out_channels),
@@ -183,7 +193,7 @@ class HybridCWTNet(nn.Module):
         self.frontend = CWTFrontEnd(bank, hop=args.hop, magnitude=args.magnitude)
         c1, c2, c3, c4 = args.channels
         self.input_norm = nn.BatchNorm2d(1)
-        self.conv1 = _conv_block(1, c1)
+        self.conv1 = _conv_block(1, c1, strided=args.stem == "strided")
         self.conv2 = _conv_block(c1, c2)
         self.conv3 = _conv_block(c2, c3)
         self.conv4 = _conv_block(c3, c4)
@@ -223,7 +233,8 @@ def head_flops(args: ModelArgs) -> dict[str, int]:
     flops = {"frontend": 2 * args.n_filters * args.kernel_size * width}
     in_channels = 1
     for index, out_channels in enumerate(args.channels, start=1):
-        flops[f"conv{index}"] = 2 * height * width * in_channels * out_channels * 9
+        outputs = (height // 2) * (width // 2) if index == 1 and args.stem == "strided" else height * width
+        flops[f"conv{index}"] = 2 * outputs * in_channels * out_channels * 9
         height, width, in_channels = height // 2, width // 2, out_channels
     flops["fc1"] = 2 * in_channels * (args.n_filters // 16) * args.hidden
     flops["fc2"] = 2 * args.hidden * args.n_classes

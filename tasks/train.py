@@ -235,6 +235,7 @@ def _build(params: Params, paths: ArtifactPaths, classes: list[str], signal_leng
         channels=cfg.channels,
         hidden=cfg.hidden,
         dropout=cfg.dropout,
+        stem=cfg.stem,
     )
     torch.manual_seed(params.base.seed)
     return training_layout(HybridCWTNet(args, matrix).to(device))

@@ -86,3 +86,22 @@ def test_head_flops_counts_every_layer() -> None:
     flops = head_flops(ModelArgs(n_filters=112, kernel_size=257, n_classes=5, signal_length=2048))
     assert set(flops) == {"frontend", "conv1", "conv2", "conv3", "conv4", "fc1", "fc2"}
     assert flops["conv1"] == 2 * 112 * 256 * 1 * 8 * 9
+
+
+def test_strided_stem_keeps_shapes_costs_a_quarter_and_survives_checkpoints(tmp_path) -> None:
+    _, matrix = random_bank(seed=6, n_filters=32)
+    pooled = ModelArgs(n_filters=32, kernel_size=matrix.shape[1], n_classes=3, signal_length=512)
+    strided = ModelArgs(**{**pooled.__dict__, "stem": "strided"})
+    signal = torch.randn(2, 1, 512)
+    a, b = HybridCWTNet(pooled, matrix).eval(), HybridCWTNet(strided, matrix).eval()
+    assert a(signal).shape == b(signal).shape == (2, 3)
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in b.conv1)
+    assert head_flops(strided)["conv1"] * 4 == head_flops(pooled)["conv1"]
+    b.load_state_dict(a.state_dict())  # the same parameters: pooling has none
+    torch.save(checkpoint_dict(b, ["a", "b", "c"], "sha", {}), tmp_path / "strided.pt")
+    rebuilt, _ = load_checkpoint(tmp_path / "strided.pt")
+    assert rebuilt.args.stem == "strided" and torch.allclose(rebuilt(signal), b(signal))
+    old = checkpoint_dict(a, ["a", "b", "c"], "sha", {})
+    del old["model_args"]["stem"]  # a checkpoint written before the option existed
+    torch.save(old, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "old.pt")[0].args.stem == "pool"
