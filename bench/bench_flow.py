@@ -9,7 +9,7 @@ One child process (so Prefect reads its API URL before it is imported) does, wit
 3. times `dvc repro` when everything is up to date (median of 3);
 4. registers a new version, promotes it through MLflow's REST API (what the UI does) and times
    until Triton serves it, through the webhook receiver.
-Quick mode uses a small dataset (the test suite's); full mode the default data and params.
+Quick mode uses a small dataset (the test suite's, 25 epochs); full mode the default data and params.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ def small_params(small: bool = True) -> dict:
     """params.yaml with free ports for every service; `small` also shrinks the data and the training."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     if small:
-        params["train"].update({"epochs": 15, "patience": 15, "batch_size": 32})
+        params["train"].update({"epochs": 25, "patience": 25, "batch_size": 32})
         params["balance"]["samples_per_class"] = 60
     params["mlflow"]["port"] = free_port()
     params["triton"].update({"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()})

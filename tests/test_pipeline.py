@@ -26,7 +26,7 @@ def test_repro_builds_every_artifact(built_project: Path) -> None:
         assert (art / relative).exists(), relative
     metrics = json.loads((art / "evaluate/metrics.json").read_text())
     assert set(metrics) >= {"accuracy", "balanced_accuracy", "macro_f1"}
-    assert metrics["macro_f1"] > 0.6  # a short run on 60 signals per class; the default run is measured in the README
+    assert metrics["macro_f1"] > 0.6  # a short run on 60 signals per class (0.78 measured); the default run is in the README
     assert any((built_project / "results").iterdir())
 
 
