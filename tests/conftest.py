@@ -115,3 +115,20 @@ def new_version(params) -> int:
 
     track_run(params)
     return register(params).version
+
+
+def wait_served(params, version: int, timeout: float, url: str | None = None) -> float:
+    """Seconds until Triton serves `version` (a server that is restarting counts as not yet)."""
+    import time
+
+    from tasks.triton_publish import served_version
+
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        try:
+            if served_version(params, url) == version:
+                return time.monotonic() - started
+        except Exception:  # noqa: BLE001 - Triton may be starting
+            pass
+        time.sleep(0.25)
+    raise AssertionError(f"Triton did not serve version {version} within {timeout} s")

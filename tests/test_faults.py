@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import BIN, free_port, new_version, run
+from tests.conftest import BIN, free_port, new_version, run, wait_served
 
 pytestmark = pytest.mark.slow
 
@@ -22,20 +22,6 @@ def _status(params, version: int) -> str | None:
     from tasks.registry import list_versions
 
     return next((e.get("deployment_status") for e in list_versions(params) if int(e["version"]) == version), None)
-
-
-def _wait_served(params, version: int, timeout: float) -> float:
-    from tasks.triton_publish import served_version
-
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        try:
-            if served_version(params) == version:
-                return time.monotonic() - started
-        except Exception:  # noqa: BLE001 - Triton may be starting
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"version {version} not served within {timeout} s")
 
 
 def test_triton_killed_during_rollout_then_restarted_converges(in_project: Path, params, triton_server: str,
@@ -74,7 +60,7 @@ def test_mlflow_down_while_registering_then_rerun_registers_without_retraining(
     from flows.pipeline import train_flow
     from tasks.registry import list_versions
 
-    before = max(int(e["version"]) for e in list_versions(params))
+    before = max((int(e["version"]) for e in list_versions(params)), default=0)
     lock = (in_project / "dvc.lock").read_text()
     run([str(BIN / "cwtops"), "mlflow", "stop"], in_project, services_env)
     try:
@@ -117,7 +103,7 @@ def test_reconciler_alone_rolls_out_within_90_seconds_under_serve(in_project: Pa
         answer = requests.post(f"{mlflow_server}/api/2.0/mlflow/registered-models/alias",
                                json={"name": params.base.model_name, "alias": "production", "version": str(newer)}, timeout=10)
         assert answer.ok, answer.text
-        assert _wait_served(params, newer, timeout=90) <= 90
+        assert wait_served(params, newer, timeout=90) <= 90
         log.flush()
         assert "rollout at start-up: noop" in (tmp_path / "serve.log").read_text()  # the schedule did it
     finally:
