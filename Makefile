@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 TRITON  ?= .triton
 PYTRITON_VERSION ?= 0.7.0
 
-.PHONY: setup run test test-fast bench clean
+.PHONY: setup perf-analyzer run test test-fast bench clean
 
 $(BIN)/cwtops: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,16 +21,21 @@ $(TRITON)/.installed:
 
 setup: $(BIN)/cwtops $(TRITON)/.installed
 
+# Triton's C++ load generator (from the tritonclient 2.51 wheel) for the serving benchmark and its
+# test; it adds the CUDA runtime library it links (a wheel) and, as root, Debian's libb64-0d.
+perf-analyzer: setup
+	$(BIN)/python -m bench.perf_analyzer install
+
 run: setup
 	$(BIN)/cwtops run
 
-test: setup
+test: setup perf-analyzer
 	$(BIN)/pytest -q
 
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow"
 
-bench: setup
+bench: setup perf-analyzer
 	$(BIN)/cwtops bench
 
 clean:

@@ -1,10 +1,14 @@
 """Served (Triton, dynamic batching) against in-process ONNX Runtime, same model, same run:
 throughput and p50/p99 latency of single-signal requests at concurrency 1, 8 and 32.
 
-Both sides get the same load: `concurrency` threads, each sending one signal [1, 1, L] at a time
-and waiting for the answer. In-process, the threads share one ONNX Runtime session (default
-options). Served, each thread has its own tritonclient.http client against a real tritonserver on
-127.0.0.1 configured from params.yaml's `triton` section (override keys with --set key=value).
+Both sides get the same closed-loop load: `concurrency` workers, each sending one signal [1, 1, L]
+and sending the next when the answer is back. In-process, threads share one ONNX Runtime session
+(default options). Served, against a real tritonserver on 127.0.0.1 configured from params.yaml's
+`triton` section (override keys with --set key=value), the load comes from Triton's C++
+`perf_analyzer` (`make perf-analyzer`; the figure the target is judged on) and from Python threads
+with one tritonclient.http client each (what a Python application sees). Rounds of the three are
+interleaved; CPU seconds per request are read from /proc for the load generator, tritonserver and
+its backend stubs, which gives the ratio the two shared cores allow (`cpu_ceiling`).
 """
 
 from __future__ import annotations
@@ -135,7 +139,7 @@ def _children(pid: int) -> list[int]:
 
 
 class CpuMeter:
-    """CPU seconds spent by this process (the load generator), tritonserver and its backend stubs."""
+    """CPU seconds spent by this process, tritonserver and its backend stubs."""
 
     def __init__(self, server_pid: int) -> None:
         self.server_pid = server_pid
@@ -145,47 +149,93 @@ class CpuMeter:
         return {"client": time.process_time(), "server": _process_cpu(self.server_pid), "backend": stubs}
 
 
-def _timed(call: Callable[[], tuple[float, list[float]]], meter: CpuMeter | None, spent: dict[str, float]) -> tuple[float, list[float]]:
-    before = meter.sample() if meter else {"client": time.process_time()}
-    result = call()
-    after = meter.sample() if meter else {"client": time.process_time()}
-    for key in after:
-        spent[key] = spent.get(key, 0.0) + after[key] - before[key]
-    return result
+class ServedRun:
+    """Accumulates one served load generator's rounds: throughput, latencies, CPU per request."""
+
+    def __init__(self, url: str, meter: CpuMeter) -> None:
+        self.url, self.meter = url, meter
+        self.rounds: list[tuple[float, list[float]]] = []
+        self.cpu = {"client": 0.0, "server": 0.0, "backend": 0.0}
+        self.stats = {"requests": 0.0, "executions": 0.0, "queue_ns": 0.0, "compute_ns": 0.0}
+
+    def add(self, call: Callable[[], tuple[float, list[float], float | None]]) -> None:
+        """`call` returns (requests/s, latencies in s, the client's CPU seconds or None for this process's)."""
+        stats, cpu = server_stats(self.url), self.meter.sample()
+        rps, latencies, client_cpu = call()
+        after_stats, after_cpu = server_stats(self.url), self.meter.sample()
+        self.rounds.append((rps, latencies))
+        for key in self.stats:
+            self.stats[key] += after_stats[key] - stats[key]
+        for key in self.cpu:
+            self.cpu[key] += after_cpu[key] - cpu[key]
+        if client_cpu is not None:
+            self.cpu["client"] += client_cpu - (after_cpu["client"] - cpu["client"])
+
+    def cpu_ms(self) -> dict[str, float]:
+        return {key: 1e3 * value / max(1, self.stats["requests"]) for key, value in self.cpu.items()}
+
+    def server_side(self) -> dict[str, float]:
+        return _server_side(dict.fromkeys(self.stats, 0.0), self.stats)
 
 
-def _ceilings(side: dict[str, float]) -> dict[str, float]:
+def _perf_analyzer_call(url: str, concurrency: int, inputs: Path, interval_ms: int) -> Callable[[], tuple[float, list[float], float]]:
+    from bench import perf_analyzer
+
+    def call() -> tuple[float, list[float], float]:
+        result = perf_analyzer.measure(url, MODEL_NAME, concurrency, inputs, interval_ms)
+        return result.rps, [result.p50_ms / 1e3, result.p99_ms / 1e3], result.client_cpu_s
+
+    return call
+
+
+def _python_client_call(call: Callable[[], object], concurrency: int, requests: int) -> Callable[[], tuple[float, list[float], None]]:
+    return lambda: (*measure(call, concurrency, requests), None)
+
+
+def _ceiling(in_process_cpu_ms: float, served: dict[str, float], with_client: bool = True) -> float:
     """The ratio the CPU allows when both sides are CPU-bound on the same cores: in-process CPU per
-    request over served CPU per request, with the load generator (this process) and without it."""
-    served = [side[f"served_cpu_ms_{key}"] for key in ("client", "server", "backend")]
-    return {"cpu_ceiling": side["in_process_cpu_ms"] / sum(served),
-            "cpu_ceiling_remote_client": side["in_process_cpu_ms"] / sum(served[1:])}
+    request over served CPU per request (client + tritonserver + backend stubs, or without the client)."""
+    keys = ("client", "server", "backend") if with_client else ("server", "backend")
+    return in_process_cpu_ms / sum(served[key] for key in keys)
 
 
-def _rows(url: str, session: ort.InferenceSession, signal: np.ndarray, quick: bool, meter: CpuMeter) -> list[dict]:
-    """Per concurrency: in-process and served rounds interleaved, so a busy neighbour hits both alike."""
+def _rows(url: str, session: ort.InferenceSession, signal: np.ndarray, quick: bool, meter: CpuMeter, inputs: Path | None) -> list[dict]:
+    """Per concurrency: in-process, perf_analyzer and Python-client rounds interleaved, so a busy
+    neighbour hits them alike. Without perf_analyzer (`inputs` None) the Python client is the served side."""
     served_call = _served_call(url, signal)
     local_call = lambda: session.run(["logits"], {"signal": signal})  # noqa: E731
-    rounds, requests = (2, 150) if quick else (5, 300)
+    rounds, requests, interval_ms = (2, 150, 1000) if quick else (5, 300, 2000)
+    measure(local_call, 8, 300)  # ONNX Runtime's arena and thread pool settle before the first round
     rows = []
     for concurrency in CONCURRENCY:
-        local, served, local_cpu, served_cpu = [], [], {}, {}
-        before = server_stats(url)
+        local, local_cpu = [], 0.0
+        python = ServedRun(url, meter)
+        native = ServedRun(url, meter) if inputs is not None else None
         for _ in range(rounds):
-            local.append(_timed(lambda: measure(local_call, concurrency, requests), None, local_cpu))
-            served.append(_timed(lambda: measure(served_call, concurrency, requests), meter, served_cpu))
-        side = _server_side(before, server_stats(url))
-        total = rounds * (requests + concurrency)  # the warm-up calls count too
-        side.update({"in_process_cpu_ms": 1e3 * local_cpu["client"] / total,
-                     **{f"served_cpu_ms_{key}": 1e3 * value / total for key, value in served_cpu.items()}})
-        side.update(_ceilings(side))
-        local_summary, served_summary = summarize(local), summarize(served)
-        rows.append({
-            "concurrency": concurrency, "in_process_rps": local_summary["rps"], "served_rps": served_summary["rps"],
-            "ratio": served_summary["rps"] / local_summary["rps"],
-            "in_process_p50_ms": local_summary["p50_ms"], "in_process_p99_ms": local_summary["p99_ms"],
-            "served_p50_ms": served_summary["p50_ms"], "served_p99_ms": served_summary["p99_ms"], **side,
-        })
+            started = time.process_time()
+            local.append(measure(local_call, concurrency, requests))
+            local_cpu += time.process_time() - started
+            if native is not None:
+                native.add(_perf_analyzer_call(url, concurrency, inputs, interval_ms))
+            python.add(_python_client_call(served_call, concurrency, requests))
+        in_process_cpu_ms = 1e3 * local_cpu / (rounds * (requests + concurrency))  # the warm-up calls count too
+        local_summary, python_summary = summarize(local), summarize(python.rounds)
+        row = {"concurrency": concurrency, "in_process_rps": local_summary["rps"]}
+        served = native or python
+        served_summary = python_summary if native is None else {
+            "rps": float(np.median([rps for rps, _ in native.rounds])),
+            "p50_ms": 1e3 * float(np.median([lat[0] for _, lat in native.rounds])),
+            "p99_ms": 1e3 * float(np.median([lat[1] for _, lat in native.rounds]))}
+        row.update({"served_rps": served_summary["rps"], "ratio": served_summary["rps"] / local_summary["rps"]})
+        if native is not None:
+            row.update({"python_client_rps": python_summary["rps"], "python_client_ratio": python_summary["rps"] / local_summary["rps"]})
+        row.update({"in_process_p50_ms": local_summary["p50_ms"], "in_process_p99_ms": local_summary["p99_ms"],
+                    "served_p50_ms": served_summary["p50_ms"], "served_p99_ms": served_summary["p99_ms"], **served.server_side(),
+                    "in_process_cpu_ms": in_process_cpu_ms})
+        cpu = served.cpu_ms()
+        row.update({f"served_cpu_ms_{key}": value for key, value in cpu.items()})
+        row.update({"cpu_ceiling": _ceiling(in_process_cpu_ms, cpu), "cpu_ceiling_remote_client": _ceiling(in_process_cpu_ms, cpu, False)})
+        rows.append(row)
     return rows
 
 
@@ -194,6 +244,12 @@ def run(quick: bool = False, overrides: dict[str, str] | None = None) -> dict:
     from tasks.triton_publish import publish_version
     from tasks.triton_server import start, stop
 
+    from bench import perf_analyzer
+
+    problems = perf_analyzer.missing()
+    generator = "tritonclient.http (Python threads)" if problems else f"perf_analyzer {perf_analyzer.version()} (C++)"
+    if problems:
+        print("serving: perf_analyzer unavailable, the served side is measured with the Python client: " + "; ".join(problems))
     with tempfile.TemporaryDirectory(prefix="cwtops-bench-serving-") as scratch:
         root = Path(scratch)
         onnx_path = root / "model.onnx"
@@ -207,7 +263,8 @@ def run(quick: bool = False, overrides: dict[str, str] | None = None) -> dict:
                 publish_version(onnx_path, 1, params, url=info.url)
                 session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
                 signal = np.random.default_rng(0).standard_normal((1, 1, length)).astype(np.float32)
-                rows = _rows(info.url, session, signal, quick, CpuMeter(info.pid))
+                inputs = perf_analyzer.input_file(root, "signal", signal) if generator.startswith("perf_analyzer") else None
+                rows = _rows(info.url, session, signal, quick, CpuMeter(info.pid), inputs)
             finally:
                 stop(params)
         finally:
@@ -216,10 +273,10 @@ def run(quick: bool = False, overrides: dict[str, str] | None = None) -> dict:
             else:
                 os.environ["CWTOPS_STATE_DIR"] = previous_state
     holds = all(row["ratio"] >= TARGET for row in rows if row["concurrency"] >= 8)
-    title = (f"serving: Triton vs in-process ONNX Runtime, single-signal requests, L {length} "
+    title = (f"serving: Triton vs in-process ONNX Runtime, single-signal requests, L {length}, load generator {generator} "
              f"(target: served >= {TARGET:.0%} of in-process at concurrency >= 8: {'holds' if holds else 'MISSED'})")
     print_table(title, rows, list(rows[0]))
-    return {"rows": rows, "target": TARGET, "holds": holds, "triton": params.triton.model_dump(mode="json"), "signal_length": length}
+    return {"rows": rows, "target": TARGET, "holds": holds, "load_generator": generator, "triton": params.triton.model_dump(mode="json"), "signal_length": length}
 
 
 def main() -> None:

@@ -54,8 +54,9 @@ def _headlines(name: str, result: dict) -> list[dict]:  # noqa: PLR0911 - one br
         return [_row("training vs original style, equal accuracy", f"{result['ratio']:.2f}x", ">= 3x", result["holds"])]
     if name == "bench_serving":
         worst = min((r for r in rows if r["concurrency"] >= 8), key=lambda r: r["ratio"])
-        ceiling = f" (CPU ceiling here {worst['cpu_ceiling']:.0%})" if "cpu_ceiling" in worst else ""
-        return [_row("served / in-process throughput, concurrency >= 8", f"{worst['ratio']:.0%}{ceiling}", ">= 70%", result["holds"])]
+        ceiling = f", CPU ceiling here {worst['cpu_ceiling']:.0%}" if "cpu_ceiling" in worst else ""
+        generator = result.get("load_generator", "tritonclient.http").split(" (")[0]
+        return [_row("served / in-process throughput, concurrency >= 8", f"{worst['ratio']:.0%} ({generator}{ceiling})", ">= 70%", result["holds"])]
     if name == "bench_mlflow":
         return [_row("MLflow calls per pipeline run", f"{result['calls_per_pipeline_run']} calls, {result['seconds_in_process']:.2f} s",
                      "-", result.get("holds"))]

@@ -334,6 +334,38 @@ def test_concurrent_single_requests_are_batched(published: Server, models: Model
     assert max(sizes) > 1, f"no batched execution: {sizes}"
 
 
+@slow
+def test_perf_analyzer_drives_the_served_model(published: Server, models: Models, tmp_path: Path) -> None:
+    """The serving benchmark's C++ load generator (`make perf-analyzer`) against a real server."""
+    from bench import perf_analyzer
+
+    assert perf_analyzer.missing() == [], perf_analyzer.missing()
+    signal = np.load(models.reference_a)["inputs"][:1]
+    inputs = perf_analyzer.input_file(tmp_path, "signal", signal)
+    before = requests.get(f"http://{published.url}/v2/models/{MODEL}/stats", timeout=10).json()["model_stats"][0]["inference_count"]
+    result = perf_analyzer.measure(published.url, MODEL, 4, inputs, interval_ms=500)
+    after = requests.get(f"http://{published.url}/v2/models/{MODEL}/stats", timeout=10).json()["model_stats"][0]["inference_count"]
+    assert result.concurrency == 4 and result.rps > 0 and 0 < result.p50_ms <= result.p99_ms
+    # its reported rate is Triton's own count: at least one 0.5 s window of requests reached the model
+    assert after - before >= 0.5 * result.rps
+    assert result.client_cpu_s > 0
+
+
+def test_perf_analyzer_output_is_parsed_and_failures_are_named(tmp_path: Path) -> None:
+    from bench import perf_analyzer
+
+    header = "Concurrency,Inferences/Second,Client Send,Network+Server Send/Recv,Server Queue,p50 latency,p90 latency,p95 latency,p99 latency\n"
+    figures = perf_analyzer.parse_csv(header + "8,2537.5,12,300,40,2837,4000,5000,9963\n")
+    assert figures == {"concurrency": 8, "rps": 2537.5, "p50_ms": 2.837, "p99_ms": 9.963}
+    with pytest.raises(CwtopsError, match="no measurement rows"):
+        perf_analyzer.parse_csv(header)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CWTOPS_PERF_ANALYZER_HOME", str(tmp_path / "nowhere"))
+        assert any("make perf-analyzer" in problem for problem in perf_analyzer.missing())
+        with pytest.raises(CwtopsError, match="perf_analyzer cannot run: .*make perf-analyzer"):
+            perf_analyzer.version()
+
+
 BAD_REQUESTS = {  # raw request, what Triton's error must mention, what the client refuses and how
     "length": (np.zeros((1, 1, LENGTH + 7), np.float32), "FP32", (f"[-1,1,{LENGTH}]", f"[1,1,{LENGTH + 7}]"),
                np.zeros((1, LENGTH + 7), np.float32), "signal"),
