@@ -164,9 +164,13 @@ class VariantsConfig(Section):
     calibrate_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     calibration_signals: int = Field(256, ge=1)
     # Relu too: it fuses into QLinearConv's output, else a DequantizeLinear/QuantizeLinear pair
-    # brackets every Relu (measured: 0.75x float32 speed without it, 0.9-0.98x with it).
+    # brackets every Relu.
     op_types_to_quantize: tuple[str, ...] = ("Conv", "Gemm", "MatMul", "MaxPool", "Relu")
     quantize_frontend: bool = True  # the 112-filter CWT Conv; its int8 error is below the gate (measured)
+    # conv1 (1 input channel, 8 outputs) keeps float activations and int8 weights: its QLinearConv
+    # (im2col + an int8 GEMM with K = 9, N = 8, one image at a time) took 3.6 ms of a 13 ms batch of 64,
+    # the float Conv on the int8-stored weights 1.25 ms (ONNX Runtime's profile, 2 EPYC cores)
+    conv1_float_input: bool = True
     batch_size: int = Field(64, ge=1)
     repeats: int = Field(30, ge=1)
     threads: int = Field(0, ge=0)  # ONNX Runtime intra-op threads for timing; 0: all cores

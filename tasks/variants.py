@@ -8,13 +8,16 @@ Three variants are built from `artifacts/export/model.onnx`:
   standard ONNX ops only; `all` would bake in NCHWc layouts tied to this CPU's vector width.
   ONNX Runtime applies the same fusions when it loads the float32 file, so this variant saves
   session-creation time, not inference time (measured: equal throughput).
-- `int8`: `onnxruntime.quantization.quantize_static`, calibrated on training-split signals of
-  the split manifest. Only Conv / Gemm / MatMul / MaxPool / Relu are quantized: the signal
-  standardisation and `log1p(|scalogram|)` stay float32, because an 8-bit grid before the log
-  wipes out the scalogram's quiet regions (measured: quantizing them cost ~19 accuracy points).
-  On 2 EPYC cores it is *slower* than float32 (0.77-0.88x at batch 64): half its time is conv1
-  (1 input channel, 8 outputs, full 112x256 resolution), where QLinearConv's im2col + int8 GEMM
-  with K=9, N=8 loses to the float NCHWc kernel; see BENCHMARKS.md and bench/bench_variants.py.
+- `int8`: `onnxruntime.quantization.quantize_static` (QDQ, u8 activations, s8 weights),
+  calibrated on training-split signals of the split manifest. Only Conv / Gemm / MatMul /
+  MaxPool / Relu are quantized: the signal standardisation and `log1p(|scalogram|)` stay
+  float32, because an 8-bit grid before the log wipes out the scalogram's quiet regions
+  (measured: quantizing them cost ~19 accuracy points). conv1 (1 input channel, 8 outputs)
+  keeps float activations on its int8 weights (`conv1_float_input`): ONNX Runtime's fast int8
+  convolution needs more channels, and its QLinearConv fallback (im2col + an int8 GEMM with
+  K = 9, N = 8, one image at a time) took 3.6 ms of a 13 ms batch, the float Conv 1.25 ms.
+  Measured on 2 EPYC cores at batch 64: 1.3x float32 with both cores, 1.46x with one thread
+  (BENCHMARKS.md has the per-node floor).
 - `fp16`: `onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)`, a GPU
   variant; on CPU ONNX Runtime casts most of it back to float32, so CPU figures are informative only.
 
@@ -51,6 +54,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 FRONTEND_SCOPE = "/frontend/"  # the exported CWT filter-bank Conv is named /model/frontend/Conv
+CONV1_SCOPE = "/conv1/"  # the first head Conv, /model/conv1/conv1.0/Conv
 CPU = ["CPUExecutionProvider"]
 
 
@@ -125,6 +129,29 @@ def frontend_nodes(model_path: Path) -> list[str]:
     return [node.name for node in onnx.load(str(model_path)).graph.node if FRONTEND_SCOPE in node.name]
 
 
+def keep_float_input(model: onnx.ModelProto, scope: str) -> int:
+    """Feed the Convs named under `scope` their float input: drop the QuantizeLinear -> DequantizeLinear pair in
+    front of them, keeping their int8 weights (DequantizeLinear of an int8 initializer).
+
+    ONNX Runtime then fuses neither a QLinearConv (its input is not dequantized) nor an NCHWc Conv (its weight is not
+    a float initializer): it runs the plain float Conv, whose output QuantizeLinear stays. Returns how many it changed.
+    """
+    graph, changed = model.graph, 0
+    producer = {out: node for node in graph.node for out in node.output}
+    for conv in [n for n in graph.node if n.op_type == "Conv" and scope in n.name]:
+        dq = producer.get(conv.input[0])
+        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if q is None or q.op_type != "QuantizeLinear":
+            continue
+        conv.input[0] = q.input[0]
+        if not any(dq.output[0] in n.input for n in graph.node if n is not conv):
+            graph.node.remove(dq)
+        if not any(q.output[0] in n.input for n in graph.node if n is not dq):
+            graph.node.remove(q)
+        changed += 1
+    return changed
+
+
 def build_int8(source: Path, target: Path, calibration: np.ndarray, cfg: VariantsConfig) -> Path:
     """Static INT8 quantization (u8 activations, s8 weights) calibrated on `calibration` signals."""
     from onnxruntime.quantization import (
@@ -138,15 +165,19 @@ def build_int8(source: Path, target: Path, calibration: np.ndarray, cfg: Variant
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
     excluded = [] if cfg.quantize_frontend else frontend_nodes(source)
     with tempfile.TemporaryDirectory(prefix="cwtops-int8-") as work, atomic_path(target) as tmp:
-        prepared = Path(work) / "prepared.onnx"
+        prepared, quantized = Path(work) / "prepared.onnx", Path(work) / "quantized.onnx"
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         quantize_static(
-            str(prepared), str(tmp), SignalReader(calibration),
+            str(prepared), str(quantized), SignalReader(calibration),
             quant_format=QuantFormat.QDQ if cfg.quant_format == "qdq" else QuantFormat.QOperator,
             per_channel=cfg.per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             calibrate_method=methods[cfg.calibrate_method], op_types_to_quantize=list(cfg.op_types_to_quantize),
             nodes_to_exclude=excluded, extra_options={"CalibTensorRangeSymmetric": False},
         )
+        model = onnx.load(str(quantized))
+        if cfg.conv1_float_input and cfg.quant_format == "qdq":
+            keep_float_input(model, CONV1_SCOPE)
+        onnx.save(model, str(tmp))
     return target
 
 
@@ -241,26 +272,35 @@ def gate(figures: dict[str, float], cfg: VariantsConfig) -> GateResult:
     return GateResult(not reasons, tuple(reasons))
 
 
-def time_side_by_side(sessions: dict[str, ort.InferenceSession], batch: np.ndarray, repeats: int) -> dict[str, dict[str, float]]:
+def time_side_by_side(
+    sessions: dict[str, ort.InferenceSession], batch: np.ndarray, repeats: int, block: int = 5, warmup: int = 3
+) -> dict[str, dict[str, float]]:
     """Median seconds per run of each session, in interleaved rounds, and its speed-up over the first.
 
     Interleaving puts every model under the same background load (this machine is shared), and
-    the ratio is the median of per-round ratios, so a slow round slows both sides of it.
+    the ratio is the median of per-round ratios, so a slow round slows both sides of it. A round
+    runs each session `warmup` + `block` times in a row: alternating single runs would time every
+    model while the previous session's intra-op threads still spin (ONNX Runtime's default), which
+    on 2 cores halved float32's measured throughput and inflated INT8's ratio to 1.5-1.9x.
     """
     feed = {INPUT_NAME: batch.reshape(len(batch), 1, -1).astype(np.float32)}
-    for sess in sessions.values():
-        for _ in range(3):
-            sess.run([OUTPUT_NAME], feed)
     samples: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(repeats):
+    rounds: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(max(1, -(-repeats // block))):
         for name, sess in sessions.items():
-            start = time.perf_counter()
-            sess.run([OUTPUT_NAME], feed)
-            samples[name].append(time.perf_counter() - start)
-    baseline = samples[next(iter(sessions))]
+            for _ in range(warmup):
+                sess.run([OUTPUT_NAME], feed)
+            times = []
+            for _ in range(block):
+                start = time.perf_counter()
+                sess.run([OUTPUT_NAME], feed)
+                times.append(time.perf_counter() - start)
+            samples[name] += times
+            rounds[name].append(statistics.median(times))
+    baseline = rounds[next(iter(sessions))]
     return {
-        name: {"seconds": statistics.median(times), "speedup": statistics.median(b / t for b, t in zip(baseline, times))}
-        for name, times in samples.items()
+        name: {"seconds": statistics.median(samples[name]), "speedup": statistics.median(b / t for b, t in zip(baseline, rounds[name]))}
+        for name in sessions
     }
 
 
@@ -309,6 +349,7 @@ def build_variant(name: str, source: Path, target: Path, params: Params, cfg: Va
         info = {"quant_format": cfg.quant_format, "per_channel": cfg.per_channel, "calibrate_method": cfg.calibrate_method,
                 "calibration_signals": len(calibration), "calibration_split": "train",
                 "op_types_to_quantize": list(cfg.op_types_to_quantize), "quantize_frontend": cfg.quantize_frontend,
+                "conv1_float_input": cfg.conv1_float_input,
                 "quantized_ops": quantized_ops(target)}
     elif name == "fp16":
         build_fp16(source, target)

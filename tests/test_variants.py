@@ -127,6 +127,29 @@ def test_int8_keeps_the_frontend_float_when_asked(tiny_model: Path, tmp_path: Pa
     assert numpy_helper.to_array(weight).dtype == np.float32
 
 
+def _conv1(path: Path) -> tuple[onnx.NodeProto, dict[str, onnx.NodeProto]]:
+    graph = onnx.load(str(path)).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    return next(n for n in graph.node if n.op_type == "Conv" and "/conv1/" in n.name), producer
+
+
+@pytest.mark.parametrize("float_input", [True, False])
+def test_int8_conv1_reads_float_activations_with_int8_weights(tiny_model: Path, tmp_path: Path, float_input: bool) -> None:
+    cfg = VariantsConfig(conv1_float_input=float_input)
+    target = build_int8(tiny_model, tmp_path / "int8.onnx", _signals(64, seed=1), cfg)
+    conv1, producer = _conv1(target)
+    feeding = producer[conv1.input[0]]
+    weight = producer[conv1.input[1]]  # DequantizeLinear of the int8 initializer, in both forms
+    assert weight.op_type == "DequantizeLinear"
+    int8 = {i.name for i in onnx.load(str(target)).graph.initializer if numpy_helper.to_array(i).dtype == np.int8}
+    assert weight.input[0] in int8
+    # float input: conv1 reads the float scalogram directly; otherwise a Q -> DQ pair stands in front
+    assert (feeding.op_type != "DequantizeLinear") is float_input, feeding.op_type
+    signals = _signals(16, seed=2)
+    reference = predict(session(tiny_model), signals)
+    assert np.mean(predict(session(target), signals).argmax(1) == reference.argmax(1)) >= 0.8
+
+
 def test_fp16_variant_keeps_float32_inputs_and_outputs(tiny_model: Path, tmp_path: Path) -> None:
     target = build_fp16(tiny_model, tmp_path / "fp16.onnx")
     graph = onnx.load(str(target)).graph
