@@ -204,7 +204,8 @@ def _rows(url: str, session: ort.InferenceSession, signal: np.ndarray, quick: bo
     neighbour hits them alike. Without perf_analyzer (`inputs` None) the Python client is the served side."""
     served_call = _served_call(url, signal)
     local_call = lambda: session.run(["logits"], {"signal": signal})  # noqa: E731
-    rounds, requests, interval_ms = (2, 150, 1000) if quick else (5, 300, 2000)
+    # every side runs about a second per round: in-process at ~4,000 requests/s, perf_analyzer its windows
+    rounds, requests, interval_ms = (3, 3000, 1000) if quick else (5, 6000, 2000)
     measure(local_call, 8, 300)  # ONNX Runtime's arena and thread pool settle before the first round
     rows = []
     for concurrency in CONCURRENCY:
