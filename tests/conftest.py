@@ -23,7 +23,7 @@ def run(command: list[str], cwd: Path, env: dict | None = None, check: bool = Tr
     return done
 
 
-def small_params(root: Path, mlflow_port: int, triton_ports: tuple[int, int, int]) -> dict:
+def small_params(mlflow_port: int, triton_ports: tuple[int, int, int]) -> dict:
     params = _small_params()
     params["mlflow"]["port"] = mlflow_port
     params["triton"].update({"http_port": triton_ports[0], "grpc_port": triton_ports[1], "metrics_port": triton_ports[2]})
@@ -47,7 +47,7 @@ def services_env(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def project(tmp_path_factory: pytest.TempPathFactory, services_env: dict) -> Path:
     """A small initialised project (sample data with fewer signals, generated weights, DVC)."""
     root = make_project(tmp_path_factory.mktemp("project"))
-    params = small_params(root, free_port(), (free_port(), free_port(), free_port()))
+    params = small_params(free_port(), (free_port(), free_port(), free_port()))
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     code = (
         "from tasks.data import write_sample_dataset; "
