@@ -33,6 +33,10 @@ def run_all(quick: bool = False, only: list[str] | None = None, out: Path = RESU
     return results
 
 
+def _threads(count: int | str) -> str:
+    return "all cores" if count == "all" else f"{count} thread{'s' if count != 1 else ''}"
+
+
 def _row(name: str, measured: str, target: str, holds: bool | None) -> dict:
     return {"benchmark": name, "measured": measured, "target": target,
             "holds": {True: "yes", False: "MISSED", None: "-"}[holds]}
@@ -67,7 +71,7 @@ def _headlines(name: str, result: dict) -> list[dict]:  # noqa: PLR0911 - one br
                 _row("promotion -> served (webhook)", f"{result['rollout_seconds']:.1f} s", "<= 15 s", result["holds_rollout"])]
     if name == "bench_variants":
         int8 = [r for r in rows if r["model"] == "int8"]
-        figure = ", ".join(f"{r['x_b64']:.2f}x ({r['threads']} threads), drop {r['drop_pts']:.2f} pts" for r in int8)
+        figure = ", ".join(f"{r['x_b64']:.2f}x ({_threads(r['threads'])}), drop {r['drop_pts']:.2f} pts" for r in int8)
         return [_row("INT8 vs float32 ONNX Runtime, batch 64", figure, ">= 1.5x within the gate", result["holds"])]
     if name == "bench_ucr":
         good = sum(r["competitive"] for r in rows)
