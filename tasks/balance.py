@@ -1,6 +1,6 @@
 """Stage `balance`: capped partial balancing, then a seeded stratified split manifest.
 
-limit = min_class_count * cap_factor; each class keeps min(count, limit) samples drawn with the
+limit = max(min_class_count * cap_factor, min_limit); each class keeps min(count, limit) samples drawn with the
 seed; `samples_per_class`, when set, overrides the limit. Balancing applies to the training pool
 (source_split == 'train'). A fixed test split in the raw data (data/raw/test/) is kept whole and
 never balanced; the balanced pool is then split into train/val only. Without one, the balanced
@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.config import BalanceConfig, Params
+from tasks.derived import AUTO, auto_val_fraction
 from tasks.data import MANIFEST_COLUMNS, read_manifest, save_manifest
 from tasks.errors import CwtopsError
 from tasks.io import write_json
@@ -35,21 +36,23 @@ class BalanceResult:
     split_manifest: Path
 
 
-def cap_limit(counts: dict[str, int], cap_factor: float, samples_per_class: int | None = None) -> int:
+def cap_limit(counts: dict[str, int], cap_factor: float, samples_per_class: int | None = None, min_limit: int = 1) -> int:
     """The most samples any class keeps: `samples_per_class` when set, else min count * cap_factor
-    (rounded down, at least 1)."""
+    (rounded down), never below `min_limit`."""
     if not counts:
         raise CwtopsError("balance: no training samples to balance; check the raw data folder")
     if cap_factor <= 0 or (samples_per_class is not None and samples_per_class < 1):
         raise CwtopsError(f"balance: cap_factor must be > 0 and samples_per_class >= 1 (got {cap_factor}, {samples_per_class})")
     if samples_per_class is not None:
         return samples_per_class
-    return max(1, math.floor(min(counts.values()) * cap_factor + 1e-9))  # 20 * 3 is 60, not 59
+    return max(1, min_limit, math.floor(min(counts.values()) * cap_factor + 1e-9))  # 20 * 3 is 60, not 59
 
 
-def capped_counts(counts: dict[str, int], cap_factor: float, samples_per_class: int | None = None) -> dict[str, int]:
+def capped_counts(
+    counts: dict[str, int], cap_factor: float, samples_per_class: int | None = None, min_limit: int = 1
+) -> dict[str, int]:
     """How many samples each class keeps: min(count, limit), sorted by class (pure)."""
-    limit = cap_limit(counts, cap_factor, samples_per_class)
+    limit = cap_limit(counts, cap_factor, samples_per_class, min_limit)
     return {label: min(int(count), limit) for label, count in sorted(counts.items())}
 
 
@@ -59,9 +62,9 @@ def split_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple[int,
     Each part gets at least one sample when the class has enough for all parts, and train
     always keeps at least one.
     """
-    parts = 3 if test_fraction > 0 else 2
+    parts = 1 + (test_fraction > 0) + (val_fraction > 0)
     minimum = 1 if n >= parts else 0
-    val = max(minimum, math.floor(n * val_fraction + 0.5))
+    val = max(minimum, math.floor(n * val_fraction + 0.5)) if val_fraction > 0 else 0
     test = max(minimum, math.floor(n * test_fraction + 0.5)) if test_fraction > 0 else 0
     while n > 0 and val + test > n - 1:
         if test >= val and test > minimum:
@@ -92,6 +95,13 @@ def _check_manifest(manifest: pd.DataFrame) -> None:
         raise CwtopsError(f"balance: unknown source_split values {sorted(splits)}; allowed: train, test")
 
 
+def resolved_val_fraction(cfg: BalanceConfig, keep: dict[str, int], test_fraction: float) -> float:
+    """`val_fraction`, or for `auto` the carve-out that the smallest class can spare (tasks/derived.py)."""
+    if cfg.val_fraction != AUTO:
+        return float(cfg.val_fraction)
+    return auto_val_fraction({label: math.floor(n * (1 - test_fraction)) for label, n in keep.items()})
+
+
 def balance_manifest(manifest: pd.DataFrame, cfg: BalanceConfig, seed: int) -> pd.DataFrame:
     """The balanced selection of `manifest` with a `split` column (train/val/test).
 
@@ -101,10 +111,11 @@ def balance_manifest(manifest: pd.DataFrame, cfg: BalanceConfig, seed: int) -> p
     _check_manifest(manifest)
     pool = manifest[manifest.source_split == "train"].sort_values(["label", "file", "row"], kind="stable")
     fixed_test = manifest[manifest.source_split == "test"]
-    keep = capped_counts(pool.label.value_counts().to_dict(), cfg.cap_factor, cfg.samples_per_class)
+    keep = capped_counts(pool.label.value_counts().to_dict(), cfg.cap_factor, cfg.samples_per_class, cfg.min_limit)
     test_fraction = 0.0 if len(fixed_test) else cfg.test_fraction
+    val_fraction = resolved_val_fraction(cfg, keep, test_fraction)
     parts = [
-        _draw_class(rows, keep[label], _class_rng(seed, label), cfg.val_fraction, test_fraction)
+        _draw_class(rows, keep[label], _class_rng(seed, label), val_fraction, test_fraction)
         for label, rows in pool.groupby("label", sort=True)
     ]
     if len(fixed_test):
@@ -131,7 +142,9 @@ def run(params: Params) -> BalanceResult:
     manifest = read_manifest(paths.manifest, MANIFEST_COLUMNS)
     split = balance_manifest(manifest, params.balance, params.base.seed)
     before = {label: int(n) for label, n in manifest[manifest.source_split == "train"].label.value_counts().sort_index().items()}
-    after = capped_counts(before, params.balance.cap_factor, params.balance.samples_per_class)
+    cfg = params.balance
+    after = capped_counts(before, cfg.cap_factor, cfg.samples_per_class, cfg.min_limit)
+    test_fraction = 0.0 if (manifest.source_split == "test").any() else cfg.test_fraction
     per_split = split_counts(split)
     save_manifest(split, paths.split_manifest)
     write_json(
@@ -140,8 +153,10 @@ def run(params: Params) -> BalanceResult:
             "counts_before": before,
             "counts_after": after,
             "split_counts": per_split,
-            "limit": cap_limit(before, params.balance.cap_factor, params.balance.samples_per_class),
-            "limit_rule": "min_count * cap_factor" if params.balance.samples_per_class is None else "samples_per_class",
+            "limit": cap_limit(before, cfg.cap_factor, cfg.samples_per_class, cfg.min_limit),
+            "limit_rule": "max(min_count * cap_factor, min_limit)" if cfg.samples_per_class is None else "samples_per_class",
+            "val_fraction": resolved_val_fraction(cfg, after, test_fraction),
+            "val_fraction_derived": cfg.val_fraction == AUTO,
             "fixed_test_split": bool((manifest.source_split == "test").any()),
             "seed": params.base.seed,
         },

@@ -7,7 +7,7 @@ Every section is a pydantic model that forbids unknown keys, so a typo in
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -43,29 +43,47 @@ class BaseConfig(Section):
     results_dir: Path = Path("results")
 
 
+Auto = Literal["auto"]
+
+
 class ParseConfig(Section):
     magnitude: Literal["abs", "square", "none"] = "abs"
-    hop: int = Field(8, ge=1, le=64)
+    # auto: about 128-256 time steps for the head (tasks/derived.py); or a fixed decimation
+    hop: Annotated[int, Field(ge=1, le=64)] | Auto = "auto"
+    # auto: the generated default bank (what `cwtops init` writes) is refitted to the signal
+    # length; a user's own bank is always used as written. file: the file's filters, always.
+    bank: Literal["auto", "file"] = "auto"
 
 
 class BalanceConfig(Section):
     cap_factor: float = Field(3.0, gt=0)
+    # the limit never drops below this: small datasets keep every signal (a class of 2 next to
+    # one of 300 would otherwise cap every class at 6)
+    min_limit: int = Field(300, ge=1)
     samples_per_class: int | None = Field(None, ge=1)
-    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    # auto: a 10% carve-out only when every class has 100+ signals; else train on all of them
+    # and keep the checkpoint with the lowest training loss (tasks/derived.py)
+    val_fraction: Annotated[float, Field(ge=0, lt=0.5)] | Auto = "auto"
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
 
 
 class TrainConfig(Section):
-    epochs: int = Field(30, ge=1, le=10_000)
-    batch_size: int = Field(32, ge=1, le=4096)
-    lr: float = Field(3e-3, gt=0, lt=1)
-    weight_decay: float = Field(1e-4, ge=0)
-    label_smoothing: float = Field(0.05, ge=0, lt=1)
-    patience: int = Field(8, ge=1)
-    channels: tuple[int, int, int, int] = (8, 16, 32, 32)
-    hidden: int = Field(64, ge=1)
-    dropout: float = Field(0.2, ge=0, lt=1)
-    stem: Literal["pool", "strided"] = "strided"  # a stride-2 conv1, or conv1 + 2x2 max-pool (4x the cost)
+    # auto: from the number of training signals (tasks/derived.py); explicit values win
+    epochs: Annotated[int, Field(ge=1, le=10_000)] | Auto = "auto"
+    batch_size: Annotated[int, Field(ge=1, le=4096)] | Auto = "auto"
+    lr: float = Field(1e-3, gt=0, lt=1)
+    weight_decay: float = Field(1e-2, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    patience: Annotated[int, Field(ge=1)] | Auto = "auto"
+    head: Literal["1d", "2d"] = "1d"  # 1d: convolutions over time, scales as channels; 2d: over (scale, time)
+    members: int = Field(1, ge=1, le=16)  # ensemble: heads on the one front-end, probabilities averaged
+    channels: tuple[int, int, int, int] = (64, 64, 128, 128)
+    hidden: int = Field(128, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    stem: Literal["pool", "strided"] = "strided"  # 2d head: a stride-2 conv1, or conv1 + 2x2 max-pool (4x the cost)
+    # augmentation, on the scalogram: a random shift in time of up to this share of its length
+    shift: float = Field(0.1, ge=0, lt=0.5)
+    mixup: float = Field(0.0, ge=0)  # Beta(a, a) mixing of pairs; 0: off
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
     num_workers: int = Field(0, ge=0)

@@ -65,18 +65,17 @@ class HeadModule(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.parts = nn.ModuleList([model.input_norm, model.conv1, model.conv2, model.conv3, model.conv4,
-                                    model.fc1, model.dropout, model.fc2])
-        self._head = model.head
+        self.parts = nn.ModuleList([module for name, module in model.named_children() if name != "frontend"])
+        self._head = model.training_head
 
     def forward(self, scalogram: torch.Tensor) -> torch.Tensor:
         return self._head(scalogram)
 
 
 def wrap_head(model: nn.Module, world: World) -> nn.Module:
-    """`model.head` itself on one process; a DDP-wrapped head module under torchrun."""
+    """`model.training_head` itself on one process; a DDP-wrapped head module under torchrun."""
     if not world.distributed:
-        return model.head
+        return model.training_head
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [world.local_rank] if next(model.parameters()).is_cuda else None

@@ -26,6 +26,7 @@ implementation (padding='same') decimated by `hop`.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -40,6 +41,7 @@ from tasks.errors import CwtopsError
 CHECKPOINT_FORMAT = "cwtops-checkpoint/1"
 Magnitude = Literal["abs", "square", "none"]
 Stem = Literal["pool", "strided"]
+HeadKind = Literal["1d", "2d"]
 Method = Literal["auto", "conv", "fft"]
 
 
@@ -163,8 +165,12 @@ class ModelArgs:
     channels: tuple[int, int, int, int] = (8, 16, 32, 32)
     hidden: int = 64
     dropout: float = 0.2
-    stem: Stem = "pool"  # conv1: 3x3 conv then 2x2 max-pool, or one stride-2 3x3 conv (4x cheaper)
+    stem: Stem = "pool"  # 2-D head: conv1 3x3 conv then 2x2 max-pool, or one stride-2 3x3 conv (4x cheaper)
     extra: dict = field(default_factory=dict)
+    # "2d": convolutions over (scale, time); "1d": over time, the scales as input channels.
+    # Checkpoints written before the 1-D head existed carry no `head` key and rebuild as "2d".
+    head: HeadKind = "2d"
+    members: int = 1  # ensemble size (1-D head): heads on the one front-end, probabilities averaged
 
 
 def _conv_block(in_channels: int, out_channels: int, strided: bool = False) -> nn.Sequential:
@@ -182,6 +188,48 @@ def _conv_block(in_channels: int, out_channels: int, strided: bool = False) -> n
     )
 
 
+# 1-D head: kernel sizes and dilations of conv1..conv4. Receptive field 1 + 6 + 8 + 16 + 16 = 47
+# time steps, a third of the ~128-256 steps that `parse.hop: auto` leaves the head.
+KERNELS_1D = (7, 5, 5, 3)
+DILATIONS_1D = (1, 2, 4, 8)
+
+
+def _conv1d_block(in_channels: int, out_channels: int, kernel: int, dilation: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv1d(in_channels, out_channels, kernel, padding=dilation * (kernel - 1) // 2, dilation=dilation, bias=False),
+        nn.BatchNorm1d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class TimeHead(nn.Module):
+    """conv1..conv4 over time (scales as channels), mean and max over time, fc1, fc2 -> logits."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        widths = (args.n_filters, *args.channels)
+        self.input_norm = nn.BatchNorm1d(args.n_filters)  # per scale: scales differ in energy by decades
+        for index, (kernel, dilation) in enumerate(zip(KERNELS_1D, DILATIONS_1D), start=1):
+            setattr(self, f"conv{index}", _conv1d_block(widths[index - 1], widths[index], kernel, dilation))
+        self.fc1 = nn.Linear(2 * args.channels[-1], args.hidden)
+        self.dropout = nn.Dropout(args.dropout)
+        self.fc2 = nn.Linear(args.hidden, args.n_classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = self.input_norm(features)  # (B, S, T)
+        x = self.conv4(self.conv3(self.conv2(self.conv1(x))))  # (B, c4, T)
+        x = torch.cat([x.mean(dim=-1), x.amax(dim=-1)], dim=1)  # (B, 2 c4)
+        return self.fc2(self.dropout(F.relu(self.fc1(x))))
+
+
+def average_probabilities(logits: list[torch.Tensor]) -> torch.Tensor:
+    """log of the members' mean softmax: what the ensemble outputs (its softmax is that mean)."""
+    if len(logits) == 1:
+        return logits[0]
+    stacked = torch.stack([F.log_softmax(member.float(), dim=-1) for member in logits])
+    return torch.logsumexp(stacked, dim=0) - math.log(len(logits))
+
+
 class HybridCWTNet(nn.Module):
     """Frozen CWT front-end + trainable head (conv1..conv4, fc1, fc2)."""
 
@@ -191,6 +239,13 @@ class HybridCWTNet(nn.Module):
             bank = torch.zeros(args.n_filters, args.kernel_size)
         self.args = args
         self.frontend = CWTFrontEnd(bank, hop=args.hop, magnitude=args.magnitude)
+        if args.head == "1d":
+            if args.members < 1:
+                raise CwtopsError(f"an ensemble needs at least one member, got members={args.members}")
+            self.members = nn.ModuleList([TimeHead(args) for _ in range(args.members)])
+            return
+        if args.members != 1:
+            raise CwtopsError("ensembles are built from the 1-D head: set train.head: 1d or train.members: 1")
         c1, c2, c3, c4 = args.channels
         self.input_norm = nn.BatchNorm2d(1)
         self.conv1 = _conv_block(1, c1, strided=args.stem == "strided")
@@ -202,7 +257,7 @@ class HybridCWTNet(nn.Module):
             raise CwtopsError(
                 f"the head pools 16x in scales and time: need at least 16 filters and "
                 f"{16 * args.hop} samples per signal, got {args.n_filters} filters, "
-                f"{args.signal_length} samples (lower parse.hop or use longer signals)"
+                f"{args.signal_length} samples (use train.head: 1d, lower parse.hop or use longer signals)"
             )
         self.fc1 = nn.Linear(c4 * freq_bins, args.hidden)
         self.dropout = nn.Dropout(args.dropout)
@@ -215,7 +270,9 @@ class HybridCWTNet(nn.Module):
         return self.frontend(centred / scale)
 
     def head(self, scalogram: torch.Tensor) -> torch.Tensor:
-        """(B, S, T) -> logits (B, C)."""
+        """(B, S, T) -> logits (B, C); an ensemble's are the log of its mean probabilities."""
+        if self.args.head == "1d":
+            return average_probabilities(self.member_logits(scalogram))
         x = torch.log1p(scalogram).unsqueeze(1)  # (B, 1, S, T)
         x = self.input_norm(x)
         x = self.conv4(self.conv3(self.conv2(self.conv1(x))))  # (B, c4, S/16, T/16)
@@ -223,14 +280,30 @@ class HybridCWTNet(nn.Module):
         x = self.dropout(F.relu(self.fc1(x)))
         return self.fc2(x)
 
+    def member_logits(self, scalogram: torch.Tensor) -> list[torch.Tensor]:
+        """Each ensemble member's logits (1-D head): what training fits, one loss per member."""
+        features = torch.log1p(scalogram)
+        return [member(features) for member in self.members]
+
+    def training_head(self, scalogram: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """What training fits: each member's logits (1-D head, a list) or the 2-D head's logits."""
+        return self.member_logits(scalogram) if self.args.head == "1d" else self.head(scalogram)
+
     def forward(self, signal: torch.Tensor) -> torch.Tensor:
         return self.head(self.scalogram(signal))
 
 
 def head_flops(args: ModelArgs) -> dict[str, int]:
-    """Multiply-accumulates x2 per signal for each layer (forward pass)."""
+    """Multiply-accumulates x2 per signal for each layer (forward pass; an ensemble's summed)."""
     height, width = args.n_filters, -(-args.signal_length // args.hop)
     flops = {"frontend": 2 * args.n_filters * args.kernel_size * width}
+    if args.head == "1d":
+        widths = (args.n_filters, *args.channels)
+        for index, kernel in enumerate(KERNELS_1D, start=1):
+            flops[f"conv{index}"] = args.members * 2 * width * widths[index - 1] * widths[index] * kernel
+        flops["fc1"] = args.members * 2 * 2 * args.channels[-1] * args.hidden
+        flops["fc2"] = args.members * 2 * args.hidden * args.n_classes
+        return flops
     in_channels = 1
     for index, out_channels in enumerate(args.channels, start=1):
         outputs = (height // 2) * (width // 2) if index == 1 and args.stem == "strided" else height * width

@@ -9,12 +9,16 @@ import numpy as np
 import torch
 
 from tasks.config import Params
-from tasks.data import scan_raw
+import logging
+
+from tasks.data import load_signals, scan_raw
 from tasks.errors import CwtopsError
 from tasks.io import atomic_path, write_json
 from tasks.model import filter_bank_sha256
 from tasks.paths import artifact_paths
-from tasks.weights import parse_weight_file
+from tasks.weights import fit_warnings, fitted_filter_bank, is_default_bank, parse_weight_file
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,9 +54,19 @@ def run(params: Params) -> ParseResult:
     """Parse the weight file and scan the raw signals; write both artifacts atomically."""
     paths = artifact_paths(params)
     bank = parse_weight_file(params.base.weights)
+    manifest = scan_raw(Path(params.base.raw_dir))
+    signal_length = int(load_signals(manifest.head(1), Path(params.base.raw_dir)).shape[1])
+    fitted = params.parse.bank == "auto" and is_default_bank(bank)
+    if fitted:  # the generated default, not a user's own bank: its range follows the data
+        bank, _ = fitted_filter_bank(signal_length, len(bank.names))
+        warnings = []
+    else:  # a user's bank is used exactly as written; what does not fit the data is reported
+        warnings = fit_warnings(bank, signal_length)
+        for warning in warnings:
+            log.warning("%s: %s", params.base.weights, warning)
+            print(f"warning: {params.base.weights}: {warning}", flush=True)
     matrix, lengths = bank.padded()
     sha = filter_bank_sha256(matrix, lengths)
-    manifest = scan_raw(Path(params.base.raw_dir))
 
     save_filter_bank(paths.filter_bank, matrix, lengths, list(bank.names))
     write_json(
@@ -63,6 +77,11 @@ def run(params: Params) -> ParseResult:
             "names": list(bank.names),
             "lengths": [int(n) for n in lengths],
             "kernel_size": int(matrix.shape[1]),
+            "signal_length": signal_length,
+            # true: the file is the generated default bank, refitted to the signal length
+            # (parse.bank: auto); false: the file's own filters, as written
+            "fitted_to_signals": fitted,
+            "fit_warnings": warnings,
         },
     )
     with atomic_path(paths.manifest) as tmp:

@@ -1,6 +1,10 @@
-"""Stage `train`: fit the head on frozen scalograms, keep the best epoch by validation macro-F1.
+"""Stage `train`: fit the head on frozen scalograms, keep the best epoch.
 
-AdamW + OneCycleLR + label smoothing, early stopping, seeded, resumable from the last epoch.
+AdamW + a one-cycle cosine schedule, shift (and optional mixup) augmentation on the scalogram,
+seeded, resumable from the last epoch. The schedule, hop and validation policy follow the data
+(`auto` in params.yaml, tasks/derived.py). With a validation split the best epoch is chosen by
+validation macro-F1 (early stopping after `patience` epochs without a gain); without one, every
+training signal is used and the epoch with the lowest training loss is kept.
 The front-end is frozen, so scalograms are computed once and the head trains from memory.
 On CUDA: bf16/fp16 autocast, TF32, cudnn.benchmark, pinned host memory. On every device the head
 trains in channels_last layout (oneDNN's fast path on CPU: about 2x per step, same float32 maths).
@@ -28,11 +32,13 @@ from tasks.data import load_signals, read_manifest
 from tasks.distributed import SINGLE_PROCESS, World, close_world, init_world, shard, sync_buffers, threads_per_rank, wrap_head
 from tasks.errors import CwtopsError
 from tasks.io import atomic_path, sha256_file, write_json
-from tasks.model import HybridCWTNet, ModelArgs, checkpoint_dict, trainable_parameters
+from tasks.derived import TrainSettings, train_settings
+from tasks.model import HybridCWTNet, ModelArgs, checkpoint_dict, head_flops, trainable_parameters
 from tasks.parse import load_filter_bank
 from tasks.paths import ArtifactPaths, artifact_paths
 
 log = logging.getLogger(__name__)
+SAVE_SECONDS = 5.0
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr", "seconds"]
 
 
@@ -103,6 +109,36 @@ def load_split(
     return Split(compute_scalograms(model, signals, device), labels)
 
 
+def shift_in_time(batch: torch.Tensor, max_share: float, generator: torch.Generator) -> torch.Tensor:
+    """Each scalogram moved by its own random number of steps (edges repeated): (B, S, T)."""
+    steps = int(max_share * batch.shape[-1])
+    if steps < 1:
+        return batch
+    offsets = torch.randint(-steps, steps + 1, (batch.shape[0], 1), generator=generator).to(batch.device)
+    index = (torch.arange(batch.shape[-1], device=batch.device) - offsets).clamp_(0, batch.shape[-1] - 1)
+    return batch.gather(-1, index.unsqueeze(1).expand(-1, batch.shape[1], -1))
+
+
+def batch_loss(
+    head: Callable[[torch.Tensor], torch.Tensor | list[torch.Tensor]],
+    scalograms: torch.Tensor,
+    labels: torch.Tensor,
+    loss_fn: nn.Module,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Augmented batch through the head; an ensemble's loss is the sum of its members' losses."""
+    scalograms = shift_in_time(scalograms, cfg.shift, generator)
+    partner, weight = labels, 1.0
+    if cfg.mixup > 0:
+        weight = float(torch.distributions.Beta(cfg.mixup, cfg.mixup).sample())  # seeded per epoch
+        order = torch.randperm(len(labels), generator=generator).to(labels.device)
+        scalograms, partner = weight * scalograms + (1 - weight) * scalograms[order], labels[order]
+    outputs = head(scalograms)
+    members = outputs if isinstance(outputs, list) else [outputs]
+    return sum(weight * loss_fn(out, labels) + (1 - weight) * loss_fn(out, partner) for out in members)
+
+
 def train_one_epoch(
     model: HybridCWTNet,
     data: Split,
@@ -115,24 +151,27 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler,
     world: World = SINGLE_PROCESS,
     head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    batch_size: int | None = None,
 ) -> float:
+    """One pass over the training split; returns the mean training loss (per member for ensembles)."""
     model.train()
     head = head or wrap_head(model, world)  # DDP under torchrun: gradients averaged over the ranks
+    batch_size = batch_size or int(cfg.batch_size)
     order = torch.randperm(len(data.labels), generator=generator).to(data.labels.device)
     total, seen = 0.0, 0
-    for start in range(0, len(order), cfg.batch_size):
-        picked = order[start : start + cfg.batch_size]  # the global batch; each rank takes its share
+    for start in range(0, len(order), batch_size):
+        picked = order[start : start + batch_size]  # the global batch; each rank takes its share
         if len(picked) < 2 * world.size:  # BatchNorm cannot train on a single sample per rank
             continue
         picked = shard(picked, world)
         with torch.autocast(data.labels.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            loss = loss_fn(head(data.scalograms[picked]), data.labels[picked])
+            loss = batch_loss(head, data.scalograms[picked], data.labels[picked], loss_fn, cfg, generator)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        total += loss.item() * len(picked)
+        total += loss.item() * len(picked) / model.args.members
         seen += len(picked)
     return total / max(seen, 1)
 
@@ -153,10 +192,11 @@ def evaluate_split(model: HybridCWTNet, data: Split, loss_fn: nn.Module, batch_s
     }
 
 
-def _fingerprint(params: Params, paths: ArtifactPaths) -> str:
+def _fingerprint(params: Params, paths: ArtifactPaths, settings: TrainSettings) -> str:
     """What a resumable checkpoint must match: the data split, the filter bank, the train params."""
     return "|".join(
-        [sha256_file(paths.split_manifest), sha256_file(paths.filter_bank), params.train.model_dump_json()]
+        [sha256_file(paths.split_manifest), sha256_file(paths.filter_bank), params.train.model_dump_json(),
+         json.dumps(settings.summary(), sort_keys=True)]
     )
 
 
@@ -222,28 +262,50 @@ def _write_history(path: Path, history: list[dict]) -> None:
         pd.DataFrame(history, columns=HISTORY_COLUMNS).to_csv(tmp, index=False)
 
 
-def _build(params: Params, paths: ArtifactPaths, classes: list[str], signal_length: int, device: torch.device):
-    matrix, _, _ = load_filter_bank(paths.filter_bank)
+def model_args(params: Params, n_filters: int, kernel_size: int, n_classes: int, signal_length: int, hop: int) -> ModelArgs:
     cfg = params.train
-    args = ModelArgs(
-        n_filters=matrix.shape[0],
-        kernel_size=matrix.shape[1],
-        n_classes=len(classes),
+    return ModelArgs(
+        n_filters=n_filters,
+        kernel_size=kernel_size,
+        n_classes=n_classes,
         signal_length=signal_length,
-        hop=params.parse.hop,
+        hop=hop,
         magnitude=params.parse.magnitude,
         channels=cfg.channels,
         hidden=cfg.hidden,
         dropout=cfg.dropout,
         stem=cfg.stem,
+        head=cfg.head,
+        members=cfg.members,
     )
+
+
+def _build(params: Params, matrix: torch.Tensor, n_classes: int, signal_length: int, hop: int,
+           device: torch.device) -> HybridCWTNet:
+    args = model_args(params, matrix.shape[0], matrix.shape[1], n_classes, signal_length, hop)
     torch.manual_seed(params.base.seed)
     return training_layout(HybridCWTNet(args, matrix).to(device))
 
 
 def training_layout(model: HybridCWTNet) -> HybridCWTNet:
-    """channels_last weights: the head's 2-D convolutions take the NHWC fast path on CPU and GPU."""
+    """channels_last weights: the 2-D head's convolutions take the NHWC fast path on CPU and GPU
+    (the 1-D head's 3-D weights are left as they are)."""
     return model.to(memory_format=torch.channels_last)
+
+
+def resolve_settings(params: Params, manifest: pd.DataFrame, signal_length: int, bank_shape: tuple[int, int],
+                     n_classes: int) -> TrainSettings:
+    """hop, epochs, batch size and patience: params.yaml's values, `auto` ones from the data."""
+    cfg = params.train
+    n_train = int((manifest.split == "train").sum())
+    has_val = bool((manifest.split == "val").any())
+
+    def forward_flops(hop: int) -> float:
+        flops = head_flops(model_args(params, *bank_shape, n_classes, signal_length, hop))
+        return float(sum(value for layer, value in flops.items() if layer != "frontend"))
+
+    return train_settings(params.parse.hop, cfg.epochs, cfg.batch_size, cfg.patience, signal_length, n_train, has_val,
+                          forward_flops)
 
 
 def run(params: Params) -> TrainResult:
@@ -259,25 +321,30 @@ def run(params: Params) -> TrainResult:
     classes = sorted(manifest.loc[manifest.split == "train", "label"].unique())
     raw_dir = Path(params.base.raw_dir)
     signal_length = int(load_signals(manifest.head(1), raw_dir).shape[1])
-    model = _build(params, paths, classes, signal_length, device)
-    train, val = (load_split(model, manifest, name, raw_dir, classes, device) for name in ("train", "val"))
+    matrix, _, _ = load_filter_bank(paths.filter_bank)
+    settings = resolve_settings(params, manifest, signal_length, tuple(matrix.shape), len(classes))
+    model = _build(params, matrix, len(classes), signal_length, settings.hop, device)
+    train = load_split(model, manifest, "train", raw_dir, classes, device)
+    val = load_split(model, manifest, "val", raw_dir, classes, device) if (manifest.split == "val").any() else None
 
-    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * max(1, len(train.labels) // cfg.batch_size + 1)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=steps)
+    # fused: one kernel for every parameter's update (the head has ~30 tensors; per-tensor updates
+    # dominate a step on small batches)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    steps = settings.epochs * max(1, len(train.labels) // settings.batch_size + 1)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=steps, pct_start=0.1)
     amp_dtype = autocast_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     state = TrainState(model, optimizer, scheduler, scaler, [], model.state_dict())
-    fingerprint = _fingerprint(params, paths)
+    fingerprint = _fingerprint(params, paths, settings)
     resumed_from = _try_resume(state, paths.last_checkpoint, fingerprint)
     if resumed_from:
         log.info("resuming from epoch %d (%s)", resumed_from, paths.last_checkpoint)
         print(f"resuming from epoch {resumed_from} ({paths.last_checkpoint})", flush=True)
 
-    _fit(state, train, val, params, paths, amp_dtype, fingerprint, world)
+    _fit(state, train, val, params, settings, paths, amp_dtype, fingerprint, world)
     model.load_state_dict(state.best_state)
     if world.is_main:
-        _write_outputs(state, params, paths, classes, device, started, resumed_from, world)
+        _write_outputs(state, params, settings, paths, classes, device, started, resumed_from, world, val is not None)
         paths.last_checkpoint.unlink(missing_ok=True)  # finished: the next run starts afresh
     close_world(world)
     return TrainResult(
@@ -294,8 +361,9 @@ def run(params: Params) -> TrainResult:
 def _fit(
     state: TrainState,
     train: Split,
-    val: Split,
+    val: Split | None,
     params: Params,
+    settings: TrainSettings,
     paths: ArtifactPaths,
     amp_dtype: torch.dtype | None,
     fingerprint: str,
@@ -304,54 +372,68 @@ def _fit(
     cfg = params.train
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     head = wrap_head(state.model, world)  # built once: DDP broadcasts the parameters when it is made
-    epochs = tqdm(range(state.next_epoch, cfg.epochs + 1), desc="train", unit="epoch", initial=state.next_epoch - 1,
-                  total=cfg.epochs, disable=not world.is_main)
+    last_save = -float("inf")
+    epochs = tqdm(range(state.next_epoch, settings.epochs + 1), desc="train", unit="epoch", initial=state.next_epoch - 1,
+                  total=settings.epochs, disable=not world.is_main)
     for epoch in epochs:
-        if state.stale_epochs >= cfg.patience:
+        if state.stale_epochs >= settings.patience:
             break
         tick = time.perf_counter()
-        # Seeded per epoch, so a resumed run draws the same batches and dropout masks.
+        # Seeded per epoch, so a resumed run draws the same batches, augmentations and dropout masks.
         torch.manual_seed(params.base.seed + epoch)
         generator = torch.Generator().manual_seed(params.base.seed + epoch)
         train_loss = train_one_epoch(
-            state.model, train, state.optimizer, state.scheduler, loss_fn, cfg, generator, amp_dtype, state.scaler, world, head
+            state.model, train, state.optimizer, state.scheduler, loss_fn, cfg, generator, amp_dtype, state.scaler, world,
+            head, settings.batch_size,
         )
         sync_buffers(state.model, world)  # every rank now evaluates rank 0's model: same decisions everywhere
-        row = {"epoch": epoch, "train_loss": train_loss, **evaluate_split(state.model, val, loss_fn, 256)}
+        nothing = {"val_loss": float("nan"), "val_accuracy": float("nan"), "val_macro_f1": float("nan")}
+        row = {"epoch": epoch, "train_loss": train_loss, **(evaluate_split(state.model, val, loss_fn, 256) if val else nothing)}
         row["lr"] = state.optimizer.param_groups[0]["lr"]
         row["seconds"] = time.perf_counter() - tick
         state.history.append(row)
-        if (row["val_macro_f1"], -row["val_loss"]) > (state.best_f1, -state.best_loss):
-            state.best_f1, state.best_loss, state.best_epoch, state.stale_epochs = row["val_macro_f1"], row["val_loss"], epoch, 0
+        # With a validation split: best macro-F1, ties to the lower loss. Without: the lowest training loss.
+        better = ((row["val_macro_f1"], -row["val_loss"]) > (state.best_f1, -state.best_loss) if val
+                  else train_loss < state.best_loss)
+        if better:
+            state.best_f1 = row["val_macro_f1"] if val else float("nan")
+            state.best_loss, state.best_epoch, state.stale_epochs = row["val_loss"] if val else train_loss, epoch, 0
             state.best_state = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
         else:
             state.stale_epochs += 1
         state.next_epoch = epoch + 1
-        if world.is_main:
-            _write_history(paths.history, state.history)
+        # A resume point (then the history it covers) every SAVE_SECONDS: small datasets run
+        # hundreds of epochs of a few milliseconds, and saving each one would cost more than training.
+        if world.is_main and time.perf_counter() - last_save >= SAVE_SECONDS:
             _save_resume_point(state, paths.last_checkpoint, fingerprint)
-        epochs.set_postfix(loss=f"{train_loss:.3f}", val_f1=f"{row['val_macro_f1']:.3f}")
+            _write_history(paths.history, state.history)
+            last_save = time.perf_counter()
+        epochs.set_postfix(loss=f"{train_loss:.3f}", **({"val_f1": f"{row['val_macro_f1']:.3f}"} if val else {}))
 
 
 def _write_outputs(
     state: TrainState,
     params: Params,
+    settings: TrainSettings,
     paths: ArtifactPaths,
     classes: list[str],
     device: torch.device,
     started: float,
     resumed_from: int,
     world: World = SINGLE_PROCESS,
+    validated: bool = True,
 ) -> None:
     bank_sha = load_json_sha(paths)
     model = state.model.to("cpu").to(memory_format=torch.contiguous_format)
+    best_f1 = state.best_f1 if validated else None
     checkpoint = checkpoint_dict(
         model,
         classes,
         bank_sha,
         params.model_dump(mode="json"),
         epoch=state.best_epoch,
-        best_val_macro_f1=state.best_f1,
+        best_val_macro_f1=best_f1,
+        settings=settings.summary(),
     )
     with atomic_path(paths.model) as tmp:
         torch.save(checkpoint, tmp)
@@ -361,7 +443,12 @@ def _write_outputs(
         {
             "epochs_run": len(state.history),
             "best_epoch": state.best_epoch,
-            "best_val_macro_f1": state.best_f1,
+            "best_val_macro_f1": best_f1,
+            # how the checkpoint was chosen: validation macro-F1, or training loss without a carve-out
+            "selected_by": "val_macro_f1" if validated else "train_loss",
+            "best_loss": state.best_loss,
+            "settings": settings.summary(),
+            "parameters": sum(p.numel() for p in trainable_parameters(model)),
             "seconds": time.perf_counter() - started,
             "device": str(device),
             "resumed_from": resumed_from,

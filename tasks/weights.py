@@ -592,3 +592,42 @@ def summarize(bank: FilterBank) -> dict[str, Any]:
         "max_norm": max(norms),
         "sha256": bank.sha256(),
     }
+
+
+# ----------------------------------------------------------------------------- fitting to the data
+
+# The default bank's lowest filter is fitted to about two cycles per signal, its longest to the
+# signal's length: a filter longer than the signal sees mostly the zero padding, and a period
+# longer than the signal measures the padding's edge rather than the signal.
+FIT_CYCLES_PER_SIGNAL = 2.0
+
+
+def is_default_bank(bank: FilterBank) -> bool:
+    """True for the bank `cwtops init` writes (the generator's defaults), to float32 rounding."""
+    default, _ = generate_filter_bank()
+    return bank.lengths == default.lengths and all(
+        np.allclose(mine, theirs, rtol=0, atol=1e-6) for mine, theirs in zip(bank.filters, default.filters)
+    )
+
+
+def fitted_filter_bank(signal_length: int, scales: int = 112) -> tuple[FilterBank, dict[str, Any]]:
+    """The default generator, its frequency range and filter lengths fitted to `signal_length`."""
+    f_max = 0.4
+    f_min = min(f_max / 2, FIT_CYCLES_PER_SIGNAL / signal_length)
+    max_length = max(3, signal_length - 1 if signal_length % 2 == 0 else signal_length)
+    bank, header = generate_filter_bank(scales=scales, f_max=f_max, f_min=f_min, max_length=max_length)
+    return bank, {**header, "fitted_to_length": signal_length}
+
+
+def fit_warnings(bank: FilterBank, signal_length: int) -> list[str]:
+    """What in a user's bank does not fit signals of `signal_length` samples (the bank is kept)."""
+    warnings = []
+    longer = [name for name, n in zip(bank.names, bank.lengths) if n > signal_length]
+    if longer:
+        warnings.append(f"{len(longer)} of {len(bank.names)} filters ({longer[0]} ..) are longer than the "
+                        f"{signal_length}-sample signals: they see mostly the zero padding")
+    slow = [name for name, taps in zip(bank.names, bank.filters) if 0 < _peak_frequency(taps) * signal_length < 1]
+    if slow:
+        warnings.append(f"{len(slow)} filters ({slow[0]} ..) peak below one cycle per signal: they measure the "
+                        "signal's edges more than its content")
+    return warnings

@@ -15,6 +15,8 @@ from tasks.errors import CwtopsError
 from tasks.paths import artifact_paths
 
 COUNTS = {"a": 1000, "b": 400, "c": 120, "d": 60, "e": 20}
+# The original workflow's capped balancing, without the floor that keeps small datasets whole.
+CAPPED = {"min_limit": 1, "val_fraction": 0.15}
 
 
 def manifest(counts: dict[str, int], test: dict[str, int] | None = None, per_file: int = 100) -> pd.DataFrame:
@@ -58,9 +60,33 @@ def test_split_sizes_cover_every_part(n: int) -> None:
     assert test == 0 and train + val == n and (n < 2 or val >= 1)
 
 
+def test_min_limit_keeps_small_datasets_whole() -> None:
+    # UCR's ECG5000: a class of 2 next to one of 292 would cap every class at 6 signals
+    counts = {"1": 292, "2": 177, "3": 10, "4": 19, "5": 2}
+    assert capped_counts(counts, 3, min_limit=300) == counts
+    assert capped_counts({"a": 1000, "b": 20}, 3, min_limit=300) == {"a": 300, "b": 20}
+    assert cap_limit({"a": 1000, "b": 200}, 3, min_limit=300) == 600  # the floor never lowers the limit
+
+
+def test_split_sizes_without_a_validation_part() -> None:
+    for n in range(0, 30):
+        assert split_sizes(n, 0.0, 0.0) == (n, 0, 0)
+        train, val, test = split_sizes(n, 0.0, 0.2)
+        assert val == 0 and train + test == n and (n < 2 or (train >= 1 and test >= 1))
+
+
+def test_auto_validation_carves_out_only_where_every_class_can_spare_signals() -> None:
+    small = balance_manifest(manifest({"a": 120, "b": 30}, test={"a": 5, "b": 5}), BalanceConfig(), seed=1)
+    assert set(small.split) == {"train", "test"}  # 30 signals in a class: train on all of them
+    large = balance_manifest(manifest({"a": 400, "b": 200}, test={"a": 5, "b": 5}), BalanceConfig(), seed=1)
+    assert split_counts(large)["val"] == {"a": 40, "b": 20}
+    explicit = balance_manifest(manifest({"a": 120, "b": 30}, test={"a": 5}), BalanceConfig(val_fraction=0.2), seed=1)
+    assert split_counts(explicit)["val"] == {"a": 24, "b": 6}
+
+
 def test_balanced_manifest_counts_and_stratified_splits() -> None:
     source = manifest(COUNTS)
-    split = balance_manifest(source, BalanceConfig(cap_factor=3), seed=7)
+    split = balance_manifest(source, BalanceConfig(cap_factor=3, **CAPPED), seed=7)
     assert list(split.columns) == ["sample_id", "file", "row", "label", "split"]
     assert split.label.value_counts().sort_index().to_dict() == {"a": 60, "b": 60, "c": 60, "d": 60, "e": 20}
     assert split.sample_id.is_unique and set(split.sample_id) <= set(source.sample_id)
@@ -73,12 +99,12 @@ def test_balanced_manifest_counts_and_stratified_splits() -> None:
 
 
 def test_samples_per_class_in_the_manifest() -> None:
-    split = balance_manifest(manifest(COUNTS), BalanceConfig(samples_per_class=50), seed=1)
+    split = balance_manifest(manifest(COUNTS), BalanceConfig(samples_per_class=50, **CAPPED), seed=1)
     assert split.label.value_counts().sort_index().to_dict() == {"a": 50, "b": 50, "c": 50, "d": 50, "e": 20}
 
 
 def test_same_seed_same_manifest_other_seed_other_draw() -> None:
-    cfg = BalanceConfig()
+    cfg = BalanceConfig(**CAPPED)
     first = balance_manifest(manifest(COUNTS), cfg, seed=7)
     again = balance_manifest(manifest(COUNTS).sample(frac=1.0, random_state=0), cfg, seed=7)  # input order is irrelevant
     assert first.to_csv(index=False) == again.to_csv(index=False)
@@ -98,7 +124,7 @@ def test_a_class_draw_does_not_depend_on_other_classes() -> None:
 
 def test_fixed_test_split_is_used_as_is() -> None:
     source = manifest(COUNTS, test={"a": 30, "c": 12, "e": 5})
-    split = balance_manifest(source, BalanceConfig(), seed=1)
+    split = balance_manifest(source, BalanceConfig(**CAPPED), seed=1)
     test = split[split.split == "test"]
     fixed = source[source.source_split == "test"]
     assert sorted(test.sample_id) == sorted(fixed.sample_id)  # all kept, nothing added or capped
@@ -119,7 +145,7 @@ def _params(tmp_path: Path, seed: int, **balance: object):  # noqa: ANN202
 
 
 def test_run_writes_split_manifest_and_summary(tmp_path: Path) -> None:
-    params = _params(tmp_path, seed=5)
+    params = _params(tmp_path, seed=5, **CAPPED)
     paths = artifact_paths(params)
     save_manifest(manifest({"1": 500, "NA": 90, "walk": 40}), paths.manifest)  # labels that look like numbers / NaN
     result = run(params)
@@ -138,7 +164,7 @@ def test_run_writes_split_manifest_and_summary(tmp_path: Path) -> None:
 def test_run_is_byte_identical_for_one_seed(tmp_path: Path) -> None:
     csv_bytes = []
     for seed, folder in ((11, "one"), (11, "two"), (12, "three")):
-        params = _params(tmp_path / folder, seed=seed)
+        params = _params(tmp_path / folder, seed=seed, **CAPPED)
         save_manifest(manifest(COUNTS, test={"a": 10}), artifact_paths(params).manifest)
         run(params)
         csv_bytes.append(artifact_paths(params).split_manifest.read_bytes())

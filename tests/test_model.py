@@ -105,3 +105,53 @@ def test_strided_stem_keeps_shapes_costs_a_quarter_and_survives_checkpoints(tmp_
     del old["model_args"]["stem"]  # a checkpoint written before the option existed
     torch.save(old, tmp_path / "old.pt")
     assert load_checkpoint(tmp_path / "old.pt")[0].args.stem == "pool"
+
+
+def _trained_like(model: HybridCWTNet, seed: int) -> HybridCWTNet:
+    """Non-trivial BatchNorm statistics and weights, as after training (fresh ones are identities)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name.endswith("running_var"):
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
+            elif name.endswith("running_mean"):
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("members", [1, 3])
+def test_1d_head_and_its_ensemble_export_to_one_onnx_graph_that_matches_torch(members: int) -> None:
+    _, matrix = random_bank(seed=6, n_filters=24)
+    args = ModelArgs(n_filters=24, kernel_size=matrix.shape[1], n_classes=4, signal_length=96, hop=1, head="1d",
+                     members=members, channels=(8, 8, 16, 16), hidden=12)
+    model = _trained_like(HybridCWTNet(args, matrix), seed=members)
+    session = ort.InferenceSession(onnx_bytes(model, 96, 18, dynamic_length=False))
+    assert [o.name for o in session.get_outputs()] == [OUTPUT_NAME]
+    for batch in (1, 33):
+        signal = torch.randn(batch, 1, 96)
+        (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: signal.numpy()})
+        expected = model(signal).detach().numpy()
+        assert logits.shape == (batch, 4) and np.abs(logits - expected).max() < 1e-4
+    if members > 1:  # the one output is the log of the members' mean probability
+        signal = torch.randn(5, 1, 96)
+        with torch.no_grad():
+            scalogram = model.scalogram(signal)
+            mean = torch.stack([torch.softmax(m, dim=-1) for m in model.member_logits(scalogram)]).mean(0)
+            assert torch.allclose(torch.softmax(model(signal), dim=-1), mean, atol=1e-6)
+        assert len(model.members) == 3 and model.members[0].conv1[0].weight.shape[1] == 24
+
+
+def test_1d_head_checkpoint_round_trip_and_old_checkpoints_stay_2d(tmp_path) -> None:
+    _, matrix = random_bank(seed=7, n_filters=16)
+    args = ModelArgs(n_filters=16, kernel_size=matrix.shape[1], n_classes=3, signal_length=40, hop=1, head="1d", members=2,
+                     channels=(4, 4, 8, 8), hidden=6)
+    model = _trained_like(HybridCWTNet(args, matrix), seed=1)
+    torch.save(checkpoint_dict(model, ["a", "b", "c"], "sha", {}), tmp_path / "m.pt")
+    rebuilt, _ = load_checkpoint(tmp_path / "m.pt")
+    signal = torch.randn(2, 1, 40)
+    assert rebuilt.args.head == "1d" and rebuilt.args.members == 2
+    assert torch.allclose(rebuilt(signal), model(signal))
+    flops = head_flops(args)
+    assert flops["conv1"] == 2 * 2 * 40 * 16 * 4 * 7  # members x 2 x T x in x out x kernel
+    with pytest.raises(Exception, match="ensembles are built from the 1-D head"):
+        HybridCWTNet(ModelArgs(n_filters=16, kernel_size=matrix.shape[1], n_classes=3, signal_length=256, members=2), matrix)

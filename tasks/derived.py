@@ -1,0 +1,100 @@
+"""Settings derived from the data: what `auto` in params.yaml resolves to.
+
+Signal length, number of classes and training signals per class vary by orders of magnitude
+between datasets (24 to 2,000+ samples, 2 to 60 classes, 1 to 1,000+ signals a class); one
+fixed hop, schedule or validation carve-out cannot fit them all. Every `auto` value resolves
+here, deterministically from the data's shape, and explicit values in params.yaml win. The
+resolved values go to the train summary and MLflow, so a run explains itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+AUTO = "auto"
+
+# The head sees T = L // hop time steps; hop is chosen so T lies in [TARGET_STEPS, 2 * TARGET_STEPS)
+# for every signal of at least TARGET_STEPS samples (shorter signals keep every sample).
+TARGET_STEPS = 128
+# Training length as a compute budget: epochs x training signals x FLOPs per signal (forward and
+# backward through the head) is about the same for every dataset, capped at MAX_EPOCHS for small
+# sets and floored at MIN_EPOCHS for large ones. 6e12 FLOPs is about 3 minutes on 2 CPU cores
+# (BENCHMARKS.md, UCR), so a dataset of up to 1,000 training signals runs import to parity in 5.
+FLOP_BUDGET = 6e12
+MIN_EPOCHS, MAX_EPOCHS = 30, 300
+TRAIN_FLOPS_PER_FORWARD = 3  # backward costs about twice the forward pass
+# A validation carve-out is taken only where every class can spare signals for it; otherwise the
+# head trains on every signal and the checkpoint is chosen by training loss.
+VAL_MIN_PER_CLASS = 100
+VAL_FRACTION = 0.1
+
+
+def auto_hop(signal_length: int) -> int:
+    """Time decimation: about TARGET_STEPS..2*TARGET_STEPS steps for the head, never below 1."""
+    return max(1, signal_length // TARGET_STEPS)
+
+
+def auto_batch_size(n_train: int) -> int:
+    """About ten batches an epoch for small sets, 64 at most: a power of two from 8 to 64."""
+    target = max(8, min(64, n_train // 10))
+    return 1 << (target.bit_length() - 1)
+
+
+def auto_epochs(n_train: int, forward_flops: float) -> int:
+    """Epochs that spend FLOP_BUDGET on `n_train` signals of `forward_flops` each (head only)."""
+    per_epoch = max(1, n_train) * TRAIN_FLOPS_PER_FORWARD * max(forward_flops, 1.0)
+    return max(MIN_EPOCHS, min(MAX_EPOCHS, math.floor(FLOP_BUDGET / per_epoch)))
+
+
+def auto_val_fraction(class_counts: dict[str, int]) -> float:
+    """0 (no carve-out) unless the smallest class has VAL_MIN_PER_CLASS signals to split."""
+    return VAL_FRACTION if class_counts and min(class_counts.values()) >= VAL_MIN_PER_CLASS else 0.0
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The train stage's resolved settings, and which of them were derived."""
+
+    signal_length: int
+    n_train: int
+    forward_flops: int  # the head's, per signal
+    hop: int
+    epochs: int
+    batch_size: int
+    patience: int
+    derived: tuple[str, ...]
+
+    def summary(self) -> dict:
+        values = asdict(self)
+        values["derived"] = list(self.derived)
+        return values
+
+
+def resolve(value: int | str, derive, name: str, derived: list[str]) -> int:  # noqa: ANN001 - a zero-arg callable
+    if value == AUTO:
+        derived.append(name)
+        return int(derive())
+    return int(value)
+
+
+def auto_patience(epochs: int, has_val: bool) -> int:
+    """Without a validation split nothing can stop a run early: the schedule is the budget."""
+    return max(10, epochs // 3) if has_val else epochs
+
+
+def train_settings(hop: int | str, epochs: int | str, batch_size: int | str, patience: int | str,
+                   signal_length: int, n_train: int, has_val: bool = False,
+                   forward_flops: Callable[[int], float] = lambda hop: 1e7) -> TrainSettings:
+    """Resolve every `auto` among the train stage's settings from the data's shape.
+
+    `forward_flops(hop)` is the head's forward cost per signal at that hop (`head_flops`).
+    """
+    derived: list[str] = []
+    resolved_hop = resolve(hop, lambda: auto_hop(signal_length), "parse.hop", derived)
+    flops = forward_flops(resolved_hop)
+    resolved_epochs = resolve(epochs, lambda: auto_epochs(n_train, flops), "train.epochs", derived)
+    resolved_batch = resolve(batch_size, lambda: auto_batch_size(n_train), "train.batch_size", derived)
+    resolved_patience = resolve(patience, lambda: auto_patience(resolved_epochs, has_val), "train.patience", derived)
+    return TrainSettings(signal_length, n_train, int(flops), resolved_hop, resolved_epochs, resolved_batch, resolved_patience, tuple(derived))

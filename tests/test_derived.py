@@ -1,0 +1,89 @@
+"""Settings derived from the data (`auto` in params.yaml): short, long, many-class and tiny datasets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tasks import derived
+from tasks.balance import balance_manifest
+from tasks.config import BalanceConfig, params_from_dict
+from tasks.model import HybridCWTNet, ModelArgs
+from tasks.weights import fit_warnings, fitted_filter_bank, generate_filter_bank, is_default_bank
+from tests.test_balance import manifest
+
+
+@pytest.mark.parametrize(("length", "hop"), [(24, 1), (127, 1), (128, 1), (150, 1), (300, 2), (500, 3), (2048, 16), (5000, 39)])
+def test_hop_leaves_the_head_128_to_255_steps(length: int, hop: int) -> None:
+    assert derived.auto_hop(length) == hop
+    steps = length // hop
+    assert steps == length if length < 128 else 128 <= steps < 256
+
+
+@pytest.mark.parametrize(("n_train", "batch"), [(1, 8), (20, 8), (50, 8), (390, 32), (640, 64), (100_000, 64)])
+def test_batch_size_is_a_power_of_two_from_8_to_64(n_train: int, batch: int) -> None:
+    assert derived.auto_batch_size(n_train) == batch
+
+
+def test_schedule_follows_the_training_set_size_and_the_heads_cost() -> None:
+    flops = 5e7  # forward FLOPs of the default head on ~150 time steps
+    tiny, small, large, huge = (derived.auto_epochs(n, flops) for n in (2, 400, 3600, 1_000_000))
+    assert tiny == derived.MAX_EPOCHS and huge == derived.MIN_EPOCHS
+    assert tiny >= small >= large >= huge
+    spent = small * 400 * derived.TRAIN_FLOPS_PER_FORWARD * flops  # where no bound binds, the budget holds
+    assert derived.FLOP_BUDGET * 0.97 <= spent <= derived.FLOP_BUDGET
+    assert derived.auto_epochs(400, 4 * flops) < small  # a costlier head trains fewer epochs
+
+
+def test_explicit_values_win_and_auto_ones_are_listed() -> None:
+    fixed = derived.train_settings(4, 12, 32, 5, signal_length=2048, n_train=1000)
+    assert (fixed.hop, fixed.epochs, fixed.batch_size, fixed.patience, fixed.derived) == (4, 12, 32, 5, ())
+    auto = derived.train_settings("auto", "auto", "auto", "auto", signal_length=24, n_train=67)
+    assert auto.derived == ("parse.hop", "train.epochs", "train.batch_size", "train.patience")
+    assert auto.patience == auto.epochs  # no validation split: nothing stops the schedule early
+    validated = derived.train_settings("auto", "auto", "auto", "auto", signal_length=500, n_train=3000, has_val=True)
+    assert validated.patience < validated.epochs
+    assert auto.summary()["derived"] == list(auto.derived)
+
+
+def test_many_classes_and_tiny_classes_keep_every_signal_for_training() -> None:
+    # 60 classes of 2 signals each and a fixed test split: no validation carve-out, nothing capped away
+    counts = {f"c{i:02d}": 2 for i in range(60)}
+    split = balance_manifest(manifest(counts, test={label: 3 for label in counts}), BalanceConfig(), seed=0)
+    assert (split.split == "train").sum() == 120 and not (split.split == "val").any()
+    settings = derived.train_settings("auto", "auto", "auto", "auto", signal_length=300, n_train=120)
+    assert settings.epochs == derived.MAX_EPOCHS and settings.batch_size == 8
+
+
+def test_short_signals_train_and_run_with_the_default_head() -> None:
+    bank, _ = fitted_filter_bank(24)
+    matrix, _ = bank.padded()
+    args = ModelArgs(n_filters=matrix.shape[0], kernel_size=matrix.shape[1], n_classes=2, signal_length=24,
+                     hop=derived.auto_hop(24), head="1d", channels=(8, 8, 16, 16), hidden=8)
+    model = HybridCWTNet(args, torch.from_numpy(matrix))
+    assert model(torch.randn(3, 1, 24)).shape == (3, 2)
+
+
+def test_default_bank_is_refitted_a_users_bank_is_only_checked() -> None:
+    default, _ = generate_filter_bank()
+    assert is_default_bank(default)
+    mine, _ = generate_filter_bank(scales=112, f_min=0.01)
+    assert not is_default_bank(mine)
+    for length in (24, 150, 2048):
+        fitted, header = fitted_filter_bank(length)
+        assert len(fitted.names) == 112 and max(fitted.lengths) <= length
+        lowest = header["centre_frequencies"][-1]
+        assert lowest == pytest.approx(min(0.2, 2 / length))
+        assert fit_warnings(fitted, length) == []
+    warnings = fit_warnings(default, 24)
+    assert any("longer than the 24-sample signals" in w for w in warnings)
+    assert any("below one cycle per signal" in w for w in warnings)
+
+
+def test_params_accept_auto_and_numbers_and_name_the_bad_key() -> None:
+    params = params_from_dict({"parse": {"hop": 4}, "train": {"epochs": 7}, "balance": {"val_fraction": 0}})
+    assert (params.parse.hop, params.train.epochs, params.balance.val_fraction) == (4, 7, 0)
+    with pytest.raises(Exception, match="parse.hop"):
+        params_from_dict({"parse": {"hop": "fast"}})
+    assert np.isfinite(params.train.lr)
