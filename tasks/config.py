@@ -76,7 +76,9 @@ class TrainConfig(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     patience: Annotated[int, Field(ge=1)] | Auto = "auto"
     head: Literal["1d", "2d"] = "1d"  # 1d: convolutions over time, scales as channels; 2d: over (scale, time)
-    members: int = Field(1, ge=1, le=16)  # ensemble: heads on the one front-end, probabilities averaged
+    # ensemble (1-D head): heads on the one front-end, probabilities averaged, one ONNX graph;
+    # auto: as many (up to 5) as the training budget leaves room for after a full schedule
+    members: Annotated[int, Field(ge=1, le=16)] | Auto = "auto"
     channels: tuple[int, int, int, int] = (64, 64, 128, 128)
     hidden: int = Field(128, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)

@@ -25,6 +25,9 @@ TARGET_STEPS = 128
 FLOP_BUDGET = 6e12
 MIN_EPOCHS, MAX_EPOCHS = 30, 300
 TRAIN_FLOPS_PER_FORWARD = 3  # backward costs about twice the forward pass
+# Small datasets reach MAX_EPOCHS well inside the budget: what is left trains more ensemble members
+# (heads on the one front-end, probabilities averaged), up to MAX_MEMBERS.
+MAX_MEMBERS = 5
 # A validation carve-out is taken only where every class can spare signals for it; otherwise the
 # head trains on every signal and the checkpoint is chosen by training loss.
 VAL_MIN_PER_CLASS = 100
@@ -48,6 +51,12 @@ def auto_epochs(n_train: int, forward_flops: float) -> int:
     return max(MIN_EPOCHS, min(MAX_EPOCHS, math.floor(FLOP_BUDGET / per_epoch)))
 
 
+def auto_members(n_train: int, forward_flops: float) -> int:
+    """Ensemble members that fit the budget at MAX_EPOCHS each, 1 to MAX_MEMBERS."""
+    one = max(1, n_train) * TRAIN_FLOPS_PER_FORWARD * max(forward_flops, 1.0) * MAX_EPOCHS
+    return max(1, min(MAX_MEMBERS, math.floor(FLOP_BUDGET / one)))
+
+
 def auto_val_fraction(class_counts: dict[str, int]) -> float:
     """0 (no carve-out) unless the smallest class has VAL_MIN_PER_CLASS signals to split."""
     return VAL_FRACTION if class_counts and min(class_counts.values()) >= VAL_MIN_PER_CLASS else 0.0
@@ -59,8 +68,9 @@ class TrainSettings:
 
     signal_length: int
     n_train: int
-    forward_flops: int  # the head's, per signal
+    forward_flops: int  # the head's (every member's), per signal
     hop: int
+    members: int
     epochs: int
     batch_size: int
     patience: int
@@ -86,15 +96,17 @@ def auto_patience(epochs: int, has_val: bool) -> int:
 
 def train_settings(hop: int | str, epochs: int | str, batch_size: int | str, patience: int | str,
                    signal_length: int, n_train: int, has_val: bool = False,
-                   forward_flops: Callable[[int], float] = lambda hop: 1e7) -> TrainSettings:
+                   forward_flops: Callable[[int], float] = lambda hop: 1e7, members: int | str = 1) -> TrainSettings:
     """Resolve every `auto` among the train stage's settings from the data's shape.
 
-    `forward_flops(hop)` is the head's forward cost per signal at that hop (`head_flops`).
+    `forward_flops(hop)` is one head's forward cost per signal at that hop (`head_flops`).
     """
     derived: list[str] = []
     resolved_hop = resolve(hop, lambda: auto_hop(signal_length), "parse.hop", derived)
     flops = forward_flops(resolved_hop)
+    resolved_members = resolve(members, lambda: auto_members(n_train, flops), "train.members", derived)
+    flops *= resolved_members
     resolved_epochs = resolve(epochs, lambda: auto_epochs(n_train, flops), "train.epochs", derived)
     resolved_batch = resolve(batch_size, lambda: auto_batch_size(n_train), "train.batch_size", derived)
     resolved_patience = resolve(patience, lambda: auto_patience(resolved_epochs, has_val), "train.patience", derived)
-    return TrainSettings(signal_length, n_train, int(flops), resolved_hop, resolved_epochs, resolved_batch, resolved_patience, tuple(derived))
+    return TrainSettings(signal_length, n_train, int(flops), resolved_hop, resolved_members, resolved_epochs, resolved_batch, resolved_patience, tuple(derived))

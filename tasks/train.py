@@ -262,7 +262,8 @@ def _write_history(path: Path, history: list[dict]) -> None:
         pd.DataFrame(history, columns=HISTORY_COLUMNS).to_csv(tmp, index=False)
 
 
-def model_args(params: Params, n_filters: int, kernel_size: int, n_classes: int, signal_length: int, hop: int) -> ModelArgs:
+def model_args(params: Params, n_filters: int, kernel_size: int, n_classes: int, signal_length: int, hop: int,
+               members: int = 1) -> ModelArgs:
     cfg = params.train
     return ModelArgs(
         n_filters=n_filters,
@@ -276,13 +277,13 @@ def model_args(params: Params, n_filters: int, kernel_size: int, n_classes: int,
         dropout=cfg.dropout,
         stem=cfg.stem,
         head=cfg.head,
-        members=cfg.members,
+        members=members,
     )
 
 
-def _build(params: Params, matrix: torch.Tensor, n_classes: int, signal_length: int, hop: int,
+def _build(params: Params, matrix: torch.Tensor, n_classes: int, signal_length: int, settings: TrainSettings,
            device: torch.device) -> HybridCWTNet:
-    args = model_args(params, matrix.shape[0], matrix.shape[1], n_classes, signal_length, hop)
+    args = model_args(params, matrix.shape[0], matrix.shape[1], n_classes, signal_length, settings.hop, settings.members)
     torch.manual_seed(params.base.seed)
     return training_layout(HybridCWTNet(args, matrix).to(device))
 
@@ -304,8 +305,9 @@ def resolve_settings(params: Params, manifest: pd.DataFrame, signal_length: int,
         flops = head_flops(model_args(params, *bank_shape, n_classes, signal_length, hop))
         return float(sum(value for layer, value in flops.items() if layer != "frontend"))
 
+    members = cfg.members if cfg.head == "1d" else 1  # the 2-D head trains alone
     return train_settings(params.parse.hop, cfg.epochs, cfg.batch_size, cfg.patience, signal_length, n_train, has_val,
-                          forward_flops)
+                          forward_flops, members)
 
 
 def run(params: Params) -> TrainResult:
@@ -323,7 +325,7 @@ def run(params: Params) -> TrainResult:
     signal_length = int(load_signals(manifest.head(1), raw_dir).shape[1])
     matrix, _, _ = load_filter_bank(paths.filter_bank)
     settings = resolve_settings(params, manifest, signal_length, tuple(matrix.shape), len(classes))
-    model = _build(params, matrix, len(classes), signal_length, settings.hop, device)
+    model = _build(params, matrix, len(classes), signal_length, settings, device)
     train = load_split(model, manifest, "train", raw_dir, classes, device)
     val = load_split(model, manifest, "val", raw_dir, classes, device) if (manifest.split == "val").any() else None
 

@@ -87,3 +87,16 @@ def test_params_accept_auto_and_numbers_and_name_the_bad_key() -> None:
     with pytest.raises(Exception, match="parse.hop"):
         params_from_dict({"parse": {"hop": "fast"}})
     assert np.isfinite(params.train.lr)
+
+
+def test_small_datasets_spend_the_rest_of_the_budget_on_ensemble_members() -> None:
+    flops = 5e7
+    assert derived.auto_members(20, flops) == derived.MAX_MEMBERS
+    assert derived.auto_members(3600, flops) == 1
+    small = derived.train_settings("auto", "auto", "auto", "auto", signal_length=150, n_train=50, members="auto",
+                                   forward_flops=lambda hop: flops)
+    assert "train.members" in small.derived and small.members > 1 and small.epochs == derived.MAX_EPOCHS
+    assert small.forward_flops == small.members * flops
+    spent = small.n_train * small.epochs * derived.TRAIN_FLOPS_PER_FORWARD * small.forward_flops
+    assert spent <= derived.FLOP_BUDGET  # members x full schedule still within the budget
+    assert derived.train_settings(1, 5, 8, 5, 150, 50, members=3).members == 3  # explicit wins
