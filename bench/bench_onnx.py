@@ -10,17 +10,21 @@ from bench.common import cli_main, median_seconds, print_table
 from tasks.config import TrainConfig
 from tasks.export import INPUT_NAME, OUTPUT_NAME, onnx_bytes
 from tasks.model import HybridCWTNet, ModelArgs
-from tasks.weights import generate_filter_bank
+from tasks.derived import auto_hop
+from tasks.weights import fitted_filter_bank
 
 TARGET = 2.0  # ONNX Runtime vs PyTorch eager, batch 1 latency
 
 
 def default_model(signal_length: int = 2048, n_classes: int = 5) -> HybridCWTNet:
-    """The default architecture on the default Morlet bank (speed does not depend on the weights)."""
-    bank, _ = generate_filter_bank()
+    """What the shipped defaults build for the sample data: the default bank fitted to the length,
+    `parse.hop: auto`, the default head, one member (speed does not depend on the weights)."""
+    bank, _ = fitted_filter_bank(signal_length)
     matrix, _ = bank.padded()
+    cfg = TrainConfig()
     args = ModelArgs(n_filters=matrix.shape[0], kernel_size=matrix.shape[1], n_classes=n_classes, signal_length=signal_length,
-                     stem=TrainConfig().stem)
+                     hop=auto_hop(signal_length), stem=cfg.stem, head=cfg.head, channels=cfg.channels, hidden=cfg.hidden,
+                     dropout=cfg.dropout)
     torch.manual_seed(0)
     return HybridCWTNet(args, torch.from_numpy(matrix)).eval()
 

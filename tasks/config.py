@@ -61,7 +61,7 @@ class BalanceConfig(Section):
     # one of 300 would otherwise cap every class at 6)
     min_limit: int = Field(300, ge=1)
     samples_per_class: int | None = Field(None, ge=1)
-    # auto: a 10% carve-out only when every class has 100+ signals; else train on all of them
+    # auto: a 10% carve-out only when every class has 500+ signals; else train on all of them
     # and keep the checkpoint with the lowest training loss (tasks/derived.py)
     val_fraction: Annotated[float, Field(ge=0, lt=0.5)] | Auto = "auto"
     test_fraction: float = Field(0.2, gt=0, lt=0.5)

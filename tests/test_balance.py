@@ -78,8 +78,8 @@ def test_split_sizes_without_a_validation_part() -> None:
 def test_auto_validation_carves_out_only_where_every_class_can_spare_signals() -> None:
     small = balance_manifest(manifest({"a": 120, "b": 30}, test={"a": 5, "b": 5}), BalanceConfig(), seed=1)
     assert set(small.split) == {"train", "test"}  # 30 signals in a class: train on all of them
-    large = balance_manifest(manifest({"a": 400, "b": 200}, test={"a": 5, "b": 5}), BalanceConfig(), seed=1)
-    assert split_counts(large)["val"] == {"a": 40, "b": 20}
+    large = balance_manifest(manifest({"a": 1000, "b": 600}, test={"a": 5, "b": 5}), BalanceConfig(), seed=1)
+    assert split_counts(large)["val"] == {"a": 100, "b": 60}
     explicit = balance_manifest(manifest({"a": 120, "b": 30}, test={"a": 5}), BalanceConfig(val_fraction=0.2), seed=1)
     assert split_counts(explicit)["val"] == {"a": 24, "b": 6}
 
