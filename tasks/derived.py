@@ -25,6 +25,10 @@ TARGET_STEPS = 128
 FLOP_BUDGET = 6e12
 MIN_EPOCHS, MAX_EPOCHS = 30, 300
 TRAIN_FLOPS_PER_FORWARD = 3  # backward costs about twice the forward pass
+# A training step also costs a fixed amount per head (Python, autograd, the optimizer): about 5 ms
+# on 2 cores, charged as the FLOPs the cores do in that time. It dominates tiny signals (a step of
+# 8 signals of 24 samples is 1e8 FLOPs of arithmetic).
+STEP_OVERHEAD_FLOPS = 3e8
 # Small datasets reach MAX_EPOCHS well inside the budget: what is left trains more ensemble members
 # (heads on the one front-end, probabilities averaged), up to MAX_MEMBERS.
 MAX_MEMBERS = 5
@@ -46,15 +50,21 @@ def auto_batch_size(n_train: int) -> int:
     return 1 << (target.bit_length() - 1)
 
 
-def auto_epochs(n_train: int, forward_flops: float) -> int:
+def epoch_cost(n_train: int, forward_flops: float, batch_size: int = 64, members: int = 1) -> float:
+    """FLOPs of one epoch: arithmetic (`forward_flops` covers every member) plus per-step overhead."""
+    steps = math.ceil(max(1, n_train) / batch_size)
+    return max(1, n_train) * TRAIN_FLOPS_PER_FORWARD * max(forward_flops, 1.0) + steps * members * STEP_OVERHEAD_FLOPS
+
+
+def auto_epochs(n_train: int, forward_flops: float, batch_size: int = 64, members: int = 1) -> int:
     """Epochs that spend FLOP_BUDGET on `n_train` signals of `forward_flops` each (head only)."""
-    per_epoch = max(1, n_train) * TRAIN_FLOPS_PER_FORWARD * max(forward_flops, 1.0)
+    per_epoch = epoch_cost(n_train, forward_flops, batch_size, members)
     return max(MIN_EPOCHS, min(MAX_EPOCHS, math.floor(FLOP_BUDGET / per_epoch)))
 
 
-def auto_members(n_train: int, forward_flops: float) -> int:
+def auto_members(n_train: int, forward_flops: float, batch_size: int = 64) -> int:
     """Ensemble members that fit the budget at MAX_EPOCHS each, 1 to MAX_MEMBERS."""
-    one = max(1, n_train) * TRAIN_FLOPS_PER_FORWARD * max(forward_flops, 1.0) * MAX_EPOCHS
+    one = epoch_cost(n_train, forward_flops, batch_size) * MAX_EPOCHS
     return max(1, min(MAX_MEMBERS, math.floor(FLOP_BUDGET / one)))
 
 
@@ -105,9 +115,10 @@ def train_settings(hop: int | str, epochs: int | str, batch_size: int | str, pat
     derived: list[str] = []
     resolved_hop = resolve(hop, lambda: auto_hop(signal_length), "parse.hop", derived)
     flops = forward_flops(resolved_hop)
-    resolved_members = resolve(members, lambda: auto_members(n_train, flops), "train.members", derived)
-    flops *= resolved_members
-    resolved_epochs = resolve(epochs, lambda: auto_epochs(n_train, flops), "train.epochs", derived)
     resolved_batch = resolve(batch_size, lambda: auto_batch_size(n_train), "train.batch_size", derived)
+    resolved_members = resolve(members, lambda: auto_members(n_train, flops, resolved_batch), "train.members", derived)
+    flops *= resolved_members
+    resolved_epochs = resolve(epochs, lambda: auto_epochs(n_train, flops, resolved_batch, resolved_members),
+                              "train.epochs", derived)
     resolved_patience = resolve(patience, lambda: auto_patience(resolved_epochs, has_val), "train.patience", derived)
     return TrainSettings(signal_length, n_train, int(flops), resolved_hop, resolved_members, resolved_epochs, resolved_batch, resolved_patience, tuple(derived))

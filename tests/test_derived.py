@@ -31,7 +31,7 @@ def test_schedule_follows_the_training_set_size_and_the_heads_cost() -> None:
     tiny, small, large, huge = (derived.auto_epochs(n, flops) for n in (2, 400, 3600, 1_000_000))
     assert tiny == derived.MAX_EPOCHS and huge == derived.MIN_EPOCHS
     assert tiny >= small >= large >= huge
-    spent = small * 400 * derived.TRAIN_FLOPS_PER_FORWARD * flops  # where no bound binds, the budget holds
+    spent = small * derived.epoch_cost(400, flops)  # where no bound binds, the budget holds
     assert derived.FLOP_BUDGET * 0.97 <= spent <= derived.FLOP_BUDGET
     assert derived.auto_epochs(400, 4 * flops) < small  # a costlier head trains fewer epochs
 
@@ -91,12 +91,16 @@ def test_params_accept_auto_and_numbers_and_name_the_bad_key() -> None:
 
 def test_small_datasets_spend_the_rest_of_the_budget_on_ensemble_members() -> None:
     flops = 5e7
-    assert derived.auto_members(20, flops) == derived.MAX_MEMBERS
+    assert derived.auto_members(20, flops, 8) == derived.MAX_MEMBERS
     assert derived.auto_members(3600, flops) == 1
     small = derived.train_settings("auto", "auto", "auto", "auto", signal_length=150, n_train=50, members="auto",
                                    forward_flops=lambda hop: flops)
     assert "train.members" in small.derived and small.members > 1 and small.epochs == derived.MAX_EPOCHS
     assert small.forward_flops == small.members * flops
-    spent = small.n_train * small.epochs * derived.TRAIN_FLOPS_PER_FORWARD * small.forward_flops
+    spent = small.epochs * derived.epoch_cost(small.n_train, small.forward_flops, small.batch_size, small.members)
     assert spent <= derived.FLOP_BUDGET  # members x full schedule still within the budget
+    # tiny signals: the per-step overhead, not the arithmetic, bounds the ensemble
+    tiny = derived.train_settings("auto", "auto", "auto", "auto", signal_length=24, n_train=67, members="auto",
+                                  forward_flops=lambda hop: 5e6)
+    assert tiny.epochs * derived.epoch_cost(67, tiny.forward_flops, tiny.batch_size, tiny.members) <= derived.FLOP_BUDGET
     assert derived.train_settings(1, 5, 8, 5, 150, 50, members=3).members == 3  # explicit wins
