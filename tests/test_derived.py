@@ -40,7 +40,7 @@ def test_explicit_values_win_and_auto_ones_are_listed() -> None:
     fixed = derived.train_settings(4, 12, 32, 5, signal_length=2048, n_train=1000)
     assert (fixed.hop, fixed.epochs, fixed.batch_size, fixed.patience, fixed.derived) == (4, 12, 32, 5, ())
     auto = derived.train_settings("auto", "auto", "auto", "auto", signal_length=24, n_train=67)
-    assert auto.derived == ("parse.hop", "train.epochs", "train.batch_size", "train.patience")
+    assert auto.derived == ("parse.hop", "train.batch_size", "train.epochs", "train.patience")
     assert auto.patience == auto.epochs  # no validation split: nothing stops the schedule early
     validated = derived.train_settings("auto", "auto", "auto", "auto", signal_length=500, n_train=3000, has_val=True)
     assert validated.patience < validated.epochs
