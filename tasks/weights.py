@@ -596,10 +596,13 @@ def summarize(bank: FilterBank) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- fitting to the data
 
-# The default bank's lowest filter is fitted to about two cycles per signal, its longest to the
-# signal's length: a filter longer than the signal sees mostly the zero padding, and a period
-# longer than the signal measures the padding's edge rather than the signal.
+# The default bank is fitted to signals too short for it: its lowest filter moves up to about two
+# cycles per signal and no filter is longer than the signal (a longer one sees mostly the zero
+# padding, and a period longer than the signal measures the padding's edge). Signals long enough
+# for the default range keep it: lowering it further spent scales on frequencies below 8 cycles
+# per signal, and the sample data lost 4 points of macro-F1 (0.888 -> 0.848).
 FIT_CYCLES_PER_SIGNAL = 2.0
+DEFAULT_F_MIN, DEFAULT_F_MAX, DEFAULT_MAX_LENGTH = 0.004, 0.4, 257
 
 
 def is_default_bank(bank: FilterBank) -> bool:
@@ -612,9 +615,9 @@ def is_default_bank(bank: FilterBank) -> bool:
 
 def fitted_filter_bank(signal_length: int, scales: int = 112) -> tuple[FilterBank, dict[str, Any]]:
     """The default generator, its frequency range and filter lengths fitted to `signal_length`."""
-    f_max = 0.4
-    f_min = min(f_max / 2, FIT_CYCLES_PER_SIGNAL / signal_length)
-    max_length = max(3, signal_length - 1 if signal_length % 2 == 0 else signal_length)
+    f_max = DEFAULT_F_MAX
+    f_min = min(f_max / 2, max(DEFAULT_F_MIN, FIT_CYCLES_PER_SIGNAL / signal_length))
+    max_length = min(DEFAULT_MAX_LENGTH, max(3, signal_length - 1 if signal_length % 2 == 0 else signal_length))
     bank, header = generate_filter_bank(scales=scales, f_max=f_max, f_min=f_min, max_length=max_length)
     return bank, {**header, "fitted_to_length": signal_length}
 

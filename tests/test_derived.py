@@ -14,11 +14,11 @@ from tasks.weights import fit_warnings, fitted_filter_bank, generate_filter_bank
 from tests.test_balance import manifest
 
 
-@pytest.mark.parametrize(("length", "hop"), [(24, 1), (127, 1), (128, 1), (150, 1), (300, 2), (500, 3), (2048, 16), (5000, 39)])
-def test_hop_leaves_the_head_128_to_255_steps(length: int, hop: int) -> None:
+@pytest.mark.parametrize(("length", "hop"), [(24, 1), (255, 1), (256, 1), (300, 1), (512, 2), (720, 2), (2048, 8), (5000, 19)])
+def test_hop_leaves_the_head_256_to_511_steps(length: int, hop: int) -> None:
     assert derived.auto_hop(length) == hop
     steps = length // hop
-    assert steps == length if length < 128 else 128 <= steps < 256
+    assert steps == length if length < 256 else 256 <= steps < 512
 
 
 @pytest.mark.parametrize(("n_train", "batch"), [(1, 8), (20, 8), (50, 8), (390, 32), (640, 64), (100_000, 64)])
@@ -70,12 +70,14 @@ def test_default_bank_is_refitted_a_users_bank_is_only_checked() -> None:
     assert is_default_bank(default)
     mine, _ = generate_filter_bank(scales=112, f_min=0.01)
     assert not is_default_bank(mine)
-    for length in (24, 150, 2048):
+    for length in (24, 150, 400, 2048):
         fitted, header = fitted_filter_bank(length)
         assert len(fitted.names) == 112 and max(fitted.lengths) <= length
         lowest = header["centre_frequencies"][-1]
-        assert lowest == pytest.approx(min(0.2, 2 / length))
+        assert lowest == pytest.approx(min(0.2, max(0.004, 2 / length)))
         assert fit_warnings(fitted, length) == []
+    long_enough, _ = fitted_filter_bank(500)  # the default range fits: the default bank itself
+    assert long_enough.sha256() == default.sha256()
     warnings = fit_warnings(default, 24)
     assert any("longer than the 24-sample signals" in w for w in warnings)
     assert any("below one cycle per signal" in w for w in warnings)
