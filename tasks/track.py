@@ -133,12 +133,16 @@ def final_metrics(test: dict, summary: dict, parity: dict, timestamp_ms: int) ->
     return [Metric(k, float(v), timestamp_ms, 0) for k, v in values.items() if _is_number(v)]
 
 
-def resolved_settings(summary: dict) -> dict[str, object]:
-    """The values the train stage actually used (`auto` ones derived from the data), by params key."""
+def resolved_settings(summary: dict, bank: dict | None = None) -> dict[str, object]:
+    """The values the pipeline actually used (`auto` ones derived from the data), by params key."""
     settings = summary.get("settings") or {}
-    keys = {"hop": "parse.hop", "epochs": "train.epochs", "batch_size": "train.batch_size", "patience": "train.patience",
-            "signal_length": "data.signal_length", "n_train": "data.n_train"}
+    keys = {"hop": "parse.hop", "members": "train.members", "epochs": "train.epochs", "batch_size": "train.batch_size",
+            "patience": "train.patience", "signal_length": "data.signal_length", "n_train": "data.n_train"}
     resolved = {dotted: settings[name] for name, dotted in keys.items() if name in settings}
+    if "selected_by" in summary:  # validation macro-F1, or training loss when no validation split was carved out
+        resolved["train.selected_by"] = summary["selected_by"]
+    if bank and "fitted_to_signals" in bank:
+        resolved["parse.bank"] = "default bank fitted to the signals" if bank["fitted_to_signals"] else "as written in the file"
     if "derived" in settings:
         resolved["derived"] = ",".join(settings["derived"]) or "none"
     return resolved
@@ -328,7 +332,8 @@ def _log_values(client: MlflowClient, run_id: str, params: Params, paths: Artifa
         json.loads(paths.metrics.read_text()), summary, json.loads(paths.parity_report.read_text()), now
     )
     flat = [Param(key, value[:6000]) for key, value in flatten(params).items()]  # 6000: MLflow's value limit
-    flat += [Param(f"resolved.{key}", str(value)) for key, value in resolved_settings(summary).items()]
+    bank = json.loads(paths.filter_bank_summary.read_text()) if paths.filter_bank_summary.exists() else {}
+    flat += [Param(f"resolved.{key}", str(value)) for key, value in resolved_settings(summary, bank).items()]
     plan = batch_plan(metrics, flat, [RunTag(key, value) for key, value in tags.items()])
     for chunk_metrics, chunk_params, chunk_tags in plan:
         client.log_batch(run_id, metrics=chunk_metrics, params=chunk_params, tags=chunk_tags)

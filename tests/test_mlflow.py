@@ -212,7 +212,8 @@ def test_run_mirrors_params_epochs_figures_reports_and_lineage(registered: dict,
     client = _client(in_fabricated.uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.params == flatten(registered["params"]) and run.data.params["train.epochs"] == str(EPOCHS)
+    mirrored = {k: v for k, v in run.data.params.items() if not k.startswith("resolved.")}  # + what `auto` became
+    assert mirrored == flatten(registered["params"]) and run.data.params["train.epochs"] == str(EPOCHS)
     for name in ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr"):
         assert [m.step for m in client.get_metric_history(run_id, name)] == list(range(1, EPOCHS + 1)), name
     assert run.data.metrics["test_macro_f1"] == pytest.approx(0.885714)
@@ -438,3 +439,16 @@ def test_server_lifecycle_with_s3_artifacts(tmp_path: Path, monkeypatch: pytest.
     assert tracking.stop(params) is False
     tracking.MLFLOW.pid_file.write_text(str(_dead_pid()))  # a stale PID file from a crashed server
     assert tracking.status(params)["pid"] is None and not tracking.MLFLOW.pid_file.exists()
+
+
+def test_resolved_settings_name_what_auto_became() -> None:
+    from tasks.track import resolved_settings
+
+    summary = {"selected_by": "train_loss", "settings": {"hop": 2, "members": 3, "epochs": 300, "batch_size": 8,
+                                                         "patience": 300, "signal_length": 577, "n_train": 60,
+                                                         "derived": ["parse.hop", "train.members"]}}
+    resolved = resolved_settings(summary, {"fitted_to_signals": False})
+    assert resolved["parse.hop"] == 2 and resolved["train.members"] == 3 and resolved["data.n_train"] == 60
+    assert resolved["derived"] == "parse.hop,train.members" and resolved["train.selected_by"] == "train_loss"
+    assert resolved["parse.bank"] == "as written in the file"
+    assert resolved_settings({}) == {}
