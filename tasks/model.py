@@ -189,7 +189,8 @@ def _conv_block(in_channels: int, out_channels: int, strided: bool = False) -> n
 
 
 # 1-D head: kernel sizes and dilations of conv1..conv4. Receptive field 1 + 6 + 8 + 16 + 16 = 47
-# time steps, a third of the ~128-256 steps that `parse.hop: auto` leaves the head.
+# time steps, a tenth to a fifth of the 256-511 steps that `parse.hop: auto` leaves the head;
+# mean and max pooling over time then summarise the whole signal.
 KERNELS_1D = (7, 5, 5, 3)
 DILATIONS_1D = (1, 2, 4, 8)
 
