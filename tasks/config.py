@@ -136,8 +136,8 @@ class TritonConfig(Section):
     model_repository: str = "model_repository"  # a folder, or s3://bucket/prefix (docs/s3.md)
     max_batch_size: int = Field(64, ge=1, le=4096)
     preferred_batch_sizes: tuple[int, ...] = (8, 16, 32)
-    max_queue_delay_us: int = Field(2000, ge=0)
-    instance_count: int = Field(1, ge=1, le=64)
+    max_queue_delay_us: int = Field(0, ge=0)  # batch what is queued, never wait (BENCHMARKS.md, serving)
+    instance_count: int = Field(2, ge=1, le=64)
     instance_kind: Literal["KIND_CPU", "KIND_GPU"] = "KIND_CPU"
     intra_op_threads: int = Field(1, ge=0)
     # TensorRT as ONNX Runtime's execution accelerator on GPU instances (the NGC container has it).

@@ -28,3 +28,13 @@ def test_shipped_params_validate() -> None:
 def test_bad_params_name_the_key(raw: dict, message: str) -> None:
     with pytest.raises(CwtopsError, match=message.replace(".", r"\.")):
         params_from_dict(raw, "params.yaml")
+
+
+def test_code_defaults_equal_the_shipped_params_yaml() -> None:
+    """A section left out of params.yaml behaves exactly as the shipped file says."""
+    from pathlib import Path
+
+    from tasks.config import Params, load_params
+
+    shipped = load_params(Path(__file__).resolve().parent.parent / "params.yaml").model_dump(mode="json")
+    assert Params().model_dump(mode="json") == shipped
