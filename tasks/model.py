@@ -1,19 +1,23 @@
 """The hybrid CWT-CNN: a frozen wavelet filter bank in front of a small trainable CNN.
 
-Shapes (defaults: S = 112 filters, L = 2048 samples, hop = 8, so T = 256 time steps):
+Shapes (S = 112 filters; T = L // hop time steps, 256-511 with `parse.hop: auto`):
 
     signal      (B, 1, L)
     scalogram   (B, S, T)      frozen front-end, |x * psi_s| sampled every `hop` samples
-    head        conv1..conv4   2-D over (S, T), each conv3x3 + BatchNorm + ReLU + 2x2 max-pool
-                               (conv1 with `stem: strided`, the default: a stride-2 conv3x3 instead,
-                               a quarter of the cost, same output shape)
+    head "1d"   conv1..conv4   (the default) 1-D over time, the S scales as input channels:
+                               kernels 7, 5, 5, 3, dilations 1, 2, 4, 8, BatchNorm + ReLU
+                               -> (B, c4, T) -> mean and max over time -> (B, 2 c4)
+                fc1, fc2       -> logits (B, C); an ensemble of N such heads outputs the log of
+                               their mean probability
+    head "2d"   conv1..conv4   2-D over (S, T), each conv3x3 + BatchNorm + ReLU + 2x2 max-pool
+                               (conv1 with `stem: strided`: a stride-2 conv3x3 instead)
                                -> (B, c4, S/16, T/16) -> mean over time -> (B, c4 * S/16)
                 fc1, fc2       -> logits (B, C)
 
-Cost per signal with the defaults (channels 8, 16, 32, 32; hidden 64; S 112; L 2048):
-front-end 2 * S * K * T = 14.7 MFLOP (K = 257 taps, one strided convolution);
-head conv1 4.1 (1.0 strided) + conv2 16.5 + conv3 16.5 + conv4 8.3 = 45.5 (42.4) MFLOP forward, about 3x that to
-train. The front-end is frozen, so training computes scalograms once and feeds the head from
+Cost per signal with the defaults on the sample data (L 2048, hop 8, K = 257 taps; channels 64,
+64, 128, 128; hidden 128): front-end 2 * S * K * T = 14.7 MFLOP (one strided convolution); head
+conv1 25.7 + conv2 10.5 + conv3 21.0 + conv4 25.2 = 82.4 MFLOP forward per member, about 3x that
+to train. The front-end is frozen, so training computes scalograms once and feeds the head from
 memory: an epoch costs only the head (`head_flops` counts it for any configuration).
 
 The front-end holds the filter bank as buffers, never as parameters, so no optimizer can see it.
