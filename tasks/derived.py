@@ -26,8 +26,9 @@ TARGET_STEPS = 256
 FLOP_BUDGET = 1e13
 MIN_EPOCHS, MAX_EPOCHS = 30, 300
 TRAIN_FLOPS_PER_FORWARD = 3  # backward costs about twice the forward pass
-# A training step also costs a fixed amount per head (Python, autograd, the optimizer): about 5 ms
-# on 2 cores, charged as the FLOPs the cores do in that time. It dominates tiny signals (a step of
+# A training step also costs a fixed amount per head (Python, autograd, the optimizer), estimated
+# at about 5 ms on 2 cores (GunPoint's 24 ms steps less their arithmetic at the measured rate) and
+# charged as the FLOPs the cores do in that time. It dominates tiny signals (a step of
 # 8 signals of 24 samples is 1e8 FLOPs of arithmetic).
 STEP_OVERHEAD_FLOPS = 3e8
 # Small datasets reach MAX_EPOCHS well inside the budget: what is left trains more ensemble members
