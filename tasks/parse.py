@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,8 +10,6 @@ import numpy as np
 import torch
 
 from tasks.config import Params
-import logging
-
 from tasks.data import load_signals, scan_raw
 from tasks.errors import CwtopsError
 from tasks.io import atomic_path, write_json
