@@ -59,7 +59,7 @@ def close_world(world: World) -> None:
 
 
 class HeadModule(nn.Module):
-    """The trainable head as a module whose forward is `model.head`: what DDP wraps.
+    """The trainable head as a module whose forward is `model.training_head`: what DDP wraps.
 
     The frozen filter bank stays outside, so DDP neither hooks nor broadcasts it."""
 

@@ -149,14 +149,13 @@ def train_one_epoch(
     generator: torch.Generator,
     amp_dtype: torch.dtype | None,
     scaler: torch.amp.GradScaler,
+    batch_size: int,
     world: World = SINGLE_PROCESS,
     head: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    batch_size: int | None = None,
 ) -> float:
     """One pass over the training split; returns the mean training loss (per member for ensembles)."""
     model.train()
     head = head or wrap_head(model, world)  # DDP under torchrun: gradients averaged over the ranks
-    batch_size = batch_size or int(cfg.batch_size)
     order = torch.randperm(len(data.labels), generator=generator).to(data.labels.device)
     total, seen = 0.0, 0
     for start in range(0, len(order), batch_size):
@@ -385,8 +384,8 @@ def _fit(
         torch.manual_seed(params.base.seed + epoch)
         generator = torch.Generator().manual_seed(params.base.seed + epoch)
         train_loss = train_one_epoch(
-            state.model, train, state.optimizer, state.scheduler, loss_fn, cfg, generator, amp_dtype, state.scaler, world,
-            head, settings.batch_size,
+            state.model, train, state.optimizer, state.scheduler, loss_fn, cfg, generator, amp_dtype, state.scaler,
+            settings.batch_size, world, head,
         )
         sync_buffers(state.model, world)  # every rank now evaluates rank 0's model: same decisions everywhere
         nothing = {"val_loss": float("nan"), "val_accuracy": float("nan"), "val_macro_f1": float("nan")}
