@@ -86,9 +86,13 @@ class TrainConfig(Section):
     # augmentation, on the scalogram: a random shift in time of up to this share of its length
     shift: float = Field(0.1, ge=0, lt=0.5)
     mixup: float = Field(0.0, ge=0)  # Beta(a, a) mixing of pairs; 0: off
+    # memory: scalograms computed once and held; stream: batches read from the memory-mapped raw
+    # shards and transformed per batch (flat memory); auto: memory while they fit 1 GiB per process
+    input: Literal["auto", "memory", "stream"] = "auto"
+    max_steps: int | None = Field(None, ge=1)  # stop after this many optimizer steps in all; null: the schedule
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0)  # streaming: DataLoader processes reading batches ahead
     threads: int = Field(0, ge=0)
 
     @field_validator("channels")
@@ -113,6 +117,7 @@ class ParityConfig(Section):
     rtol: float = Field(1e-3, gt=0)
     batch_sizes: tuple[int, ...] = (1, 7, 64)
     random_signals: int = Field(64, ge=1)
+    max_test_signals: int = Field(10_000, ge=1)  # real test signals compared (the first ones); bounds memory
 
 
 class MlflowConfig(Section):

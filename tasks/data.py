@@ -27,6 +27,7 @@ SAMPLE_COUNTS = {"noise": 1200, "burst": 500, "chirp": 260, "am": 160, "fm": 100
 SAMPLE_LENGTH = 2048
 SAMPLE_SNR_DB = (-3.0, 6.0)  # structure power over its own support vs the background, per signal
 SAMPLE_HUM = (0.4, -9.0, -3.0)  # chance of a steady interfering tone in any signal, its power range (dB)
+GENERATE_ROWS = 1000  # rows generated at once: bounds the generator's memory for any shard size
 UCR_LABELS_FILE = ".ucr_labels.json"  # hidden, so the raw scan ignores it
 NPY_MAGIC = b"\x93NUMPY"
 _CONVERT = "convert to float32 (or float64) explicitly: np.save(path, array.astype(np.float32))"
@@ -125,6 +126,14 @@ def sample_signals(label: str, n: int, rng: np.random.Generator, length: int = S
     return (gain * signal + offset).astype(np.float32)
 
 
+def equal_counts(signals: int) -> dict[str, int]:
+    """`signals` split as evenly as possible between the sample classes (a scale test set)."""
+    if signals < len(SAMPLE_COUNTS):
+        raise DataError(f"sample dataset: --signals must be at least {len(SAMPLE_COUNTS)} (one per class), got {signals}")
+    share, rest = divmod(signals, len(SAMPLE_COUNTS))
+    return {label: share + (i < rest) for i, label in enumerate(sorted(SAMPLE_COUNTS))}
+
+
 def write_sample_dataset(
     out: Path | str,
     seed: int = 42,
@@ -132,7 +141,7 @@ def write_sample_dataset(
     chunk: int = 100,
     length: int = SAMPLE_LENGTH,
 ) -> dict[str, int]:
-    """Write the embedded default dataset to `out/<class>/partNNN.npy` ([N, L] float32 chunks).
+    """Write the embedded default dataset to `out/<class>/partNNNNN.npy` ([chunk, L] float32 shards).
 
     Deterministic: the same seed writes the same bytes. Each class draws from its own generator
     (seeded with the seed and the class's position in sorted order). `out` is replaced as a whole,
@@ -145,8 +154,13 @@ def write_sample_dataset(
         for index, (label, count) in enumerate(counts.items()):
             rng = np.random.default_rng([seed, index])
             (staging / label).mkdir()
+            width = max(3, len(str(-(-count // chunk) - 1)))  # names sort in shard order
             for part, start in enumerate(range(0, count, chunk)):
-                np.save(staging / label / f"part{part:03d}.npy", sample_signals(label, min(chunk, count - start), rng, length))
+                # generated in slices: a shard of 10,000 signals needs ~20 float64 temporaries of its size
+                end = min(start + chunk, count)
+                shard = np.concatenate([sample_signals(label, min(GENERATE_ROWS, end - at), rng, length)
+                                        for at in range(start, end, GENERATE_ROWS)])
+                np.save(staging / label / f"part{part:0{width}d}.npy", shard)
     return counts
 
 
@@ -568,6 +582,52 @@ class SignalDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         signal = np.array(self._cache.row(self.files[i], int(self.rows[i])), dtype=np.float32)  # a copy
         return torch.from_numpy(signal).unsqueeze(0), int(self.labels[i])
+
+
+class SignalReader:
+    """Reads any rows of a manifest as one [B, L] float32 batch, through memory maps.
+
+    What a streaming epoch reads from: only the batch's signals are ever in memory. `check()`
+    opens every file the manifest lists once, so a truncated or damaged shard is refused (naming
+    it) before training starts; `read()` refuses NaN/Inf naming the file and row.
+    """
+
+    def __init__(self, manifest: pd.DataFrame, raw_dir: Path | str, length: int) -> None:
+        self.raw_dir, self.length = Path(raw_dir), length
+        self.files = manifest.file.astype(str).to_numpy()
+        self.rows = manifest.row.to_numpy(dtype=np.int64)
+        self._cache = _FileCache(self.raw_dir)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def check(self) -> None:
+        """Every listed file opens, holds float signals of the right length and the rows listed."""
+        last_row = pd.Series(self.rows).groupby(self.files, sort=False).max()
+        for file, row in last_row.items():
+            array, path = self._cache.array(file), self.raw_dir / file
+            if array.dtype.kind != "f" or array.ndim not in (1, 2):
+                raise DataError(f"{path}: holds {array.dtype} {array.shape}, not float signals [N, L]; rerun the parse stage")
+            if array.shape[-1] != self.length:
+                raise DataError(f"{path}: signal length {array.shape[-1]}, the manifest's signals have {self.length}; rerun the parse stage")
+            rows = 1 if array.ndim == 1 else array.shape[0]
+            if row >= rows:
+                raise DataError(f"{path}: holds {rows} signals but the manifest lists row {row}; it changed since the "
+                                "parse stage (truncated or rewritten?): restore it or rerun the pipeline")
+
+    def read(self, index: np.ndarray) -> np.ndarray:
+        """Signals at manifest positions `index`, in that order: [len(index), L] float32."""
+        out = np.empty((len(index), self.length), dtype=np.float32)
+        files, rows = self.files[index], self.rows[index]
+        for file, positions in pd.Series(files).groupby(files, sort=False).indices.items():
+            array = self._cache.array(file)
+            out[positions] = array if array.ndim == 1 else array[rows[positions]]
+        finite = np.isfinite(out).all(axis=1)
+        if not finite.all():
+            bad = int(np.argmin(finite))
+            raise DataError(f"{self.raw_dir / files[bad]}: row {rows[bad]} contains NaN or Inf (changed since the parse "
+                            "stage checked it); clean or drop that signal and rerun the pipeline")
+        return out
 
 
 def load_signals(manifest: pd.DataFrame, raw_dir: Path | str) -> np.ndarray:

@@ -41,6 +41,14 @@ VAL_MIN_PER_CLASS = 500
 VAL_FRACTION = 0.1
 
 
+# Training input. The front-end is frozen, so a small set's scalograms are computed once and kept in
+# memory (float32, S x T per signal: 115 KB at 112 filters x 256 steps, 14x the raw signal). Above
+# this many bytes of scalograms per process the epoch streams instead: batches read from the
+# memory-mapped raw shards and the front-end applied per batch (about 6% of a training step's
+# arithmetic at the defaults), so memory stays flat in the number of signals (BENCHMARKS.md, scale).
+MEMORY_INPUT_BYTES = 1 << 30
+
+
 def auto_hop(signal_length: int) -> int:
     """Time decimation: about TARGET_STEPS..2*TARGET_STEPS steps for the head, never below 1."""
     return max(1, signal_length // TARGET_STEPS)
@@ -88,6 +96,8 @@ class TrainSettings:
     batch_size: int
     patience: int
     derived: tuple[str, ...]
+    input: str = "memory"  # memory: scalograms computed once; stream: read and transformed per batch
+    max_steps: int | None = None  # optimizer steps in all, when capped (train.max_steps)
 
     def summary(self) -> dict:
         values = asdict(self)
@@ -109,10 +119,13 @@ def auto_patience(epochs: int, has_val: bool) -> int:
 
 def train_settings(hop: int | str, epochs: int | str, batch_size: int | str, patience: int | str,
                    signal_length: int, n_train: int, has_val: bool = False,
-                   forward_flops: Callable[[int], float] = lambda hop: 1e7, members: int | str = 1) -> TrainSettings:
+                   forward_flops: Callable[[int], float] = lambda hop: 1e7, members: int | str = 1,
+                   input_mode: str = "memory", input_bytes: Callable[[int], int] = lambda hop: 0,
+                   max_steps: int | None = None) -> TrainSettings:
     """Resolve every `auto` among the train stage's settings from the data's shape.
 
-    `forward_flops(hop)` is one head's forward cost per signal at that hop (`head_flops`).
+    `forward_flops(hop)` is one head's forward cost per signal at that hop (`head_flops`);
+    `input_bytes(hop)` is what this process would hold to keep every scalogram in memory.
     """
     derived: list[str] = []
     resolved_hop = resolve(hop, lambda: auto_hop(signal_length), "parse.hop", derived)
@@ -123,4 +136,9 @@ def train_settings(hop: int | str, epochs: int | str, batch_size: int | str, pat
     resolved_epochs = resolve(epochs, lambda: auto_epochs(n_train, flops, resolved_batch, resolved_members),
                               "train.epochs", derived)
     resolved_patience = resolve(patience, lambda: auto_patience(resolved_epochs, has_val), "train.patience", derived)
-    return TrainSettings(signal_length, n_train, int(flops), resolved_hop, resolved_members, resolved_epochs, resolved_batch, resolved_patience, tuple(derived))
+    resolved_input = input_mode
+    if input_mode == AUTO:
+        derived.append("train.input")
+        resolved_input = "memory" if input_bytes(resolved_hop) <= MEMORY_INPUT_BYTES else "stream"
+    return TrainSettings(signal_length, n_train, int(flops), resolved_hop, resolved_members, resolved_epochs,
+                         resolved_batch, resolved_patience, tuple(derived), resolved_input, max_steps)

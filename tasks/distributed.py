@@ -1,9 +1,10 @@
 """Data-parallel training with `torchrun` (DDP): one process per device, or several on a CPU (gloo).
 
 `torchrun --nproc_per_node N -m tasks.cli stage train` sets RANK / WORLD_SIZE / LOCAL_RANK; the
-train stage reads them here. Every process holds the whole (small, precomputed) scalogram set and
-takes its share of each global batch, so a step sees the same `train.batch_size` signals as a
-single process and the learning-rate schedule is unchanged. Gradients are averaged by DDP; after
+train stage reads them here. Every process draws the same seeded order and takes its share of each
+global batch, so a step sees the same `train.batch_size` signals as a single process and the
+learning-rate schedule is unchanged. Held in memory (a small set) every process keeps the whole
+scalogram set; streamed, each reads only its share of every batch and of the validation split. Gradients are averaged by DDP; after
 each epoch rank 0's buffers (BatchNorm statistics) are broadcast, so every rank evaluates the
 same model and takes the same early-stopping decision. Only rank 0 writes files.
 """

@@ -5,7 +5,10 @@ seeded, resumable from the last epoch. The schedule, hop and validation policy f
 (`auto` in params.yaml, tasks/derived.py). With a validation split the best epoch is chosen by
 validation macro-F1 (early stopping after `patience` epochs without a gain); without one, every
 training signal is used and the epoch with the lowest training loss is kept.
-The front-end is frozen, so scalograms are computed once and the head trains from memory.
+The front-end is frozen, so for a set whose scalograms fit in memory they are computed once and
+the head trains from memory; a larger set streams (`train.input`): each batch is read from the
+memory-mapped raw shards and sent through the front-end, so memory stays flat in the number of
+signals, and under torchrun each rank reads only its share of every batch.
 On CUDA: bf16/fp16 autocast, TF32, cudnn.benchmark, pinned host memory. On every device the head
 trains in channels_last layout (oneDNN's fast path on CPU: about 2x per step, same float32 maths).
 """
@@ -16,19 +19,18 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 from tqdm import tqdm
 
 from tasks.config import Params, TrainConfig
-from tasks.data import load_signals, read_manifest
+from tasks.data import SignalReader, load_signals, read_manifest
 from tasks.distributed import SINGLE_PROCESS, World, close_world, init_world, shard, sync_buffers, threads_per_rank, wrap_head
 from tasks.errors import CwtopsError
 from tasks.io import atomic_path, sha256_file, write_json
@@ -39,7 +41,8 @@ from tasks.paths import ArtifactPaths, artifact_paths
 
 log = logging.getLogger(__name__)
 SAVE_SECONDS = 0.0  # every epoch: a killed run resumes from its last finished epoch
-HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr", "seconds"]
+# seconds: the epoch; fit_seconds: its training pass alone (no validation); steps: optimizer steps in it
+HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr", "seconds", "fit_seconds", "steps"]
 
 
 @dataclass(frozen=True)
@@ -55,8 +58,60 @@ class TrainResult:
 
 @dataclass
 class Split:
+    """A split held in memory: every scalogram computed once."""
+
     scalograms: torch.Tensor  # (N, S, T) on the training device
     labels: torch.Tensor  # (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, index_batches: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for picked in index_batches:
+            picked = picked.to(self.labels.device)
+            yield self.scalograms[picked], self.labels[picked]
+
+
+class _BatchReads(torch.utils.data.Dataset):
+    """Item i is the i-th batch's raw signals (a DataLoader with workers reads batches ahead)."""
+
+    def __init__(self, reader: SignalReader, index_batches: list[torch.Tensor]) -> None:
+        self.reader, self.index_batches = reader, index_batches
+
+    def __len__(self) -> int:
+        return len(self.index_batches)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(self.reader.read(self.index_batches[i].numpy()))
+
+
+class StreamSplit:
+    """A split read per batch: raw signals from the memory-mapped shards, then the frozen
+    front-end. Memory holds one batch (a few batches with DataLoader workers), at any split size;
+    under torchrun each rank reads only its share of every batch."""
+
+    def __init__(self, model: HybridCWTNet, reader: SignalReader, labels: torch.Tensor, device: torch.device,
+                 num_workers: int = 0) -> None:
+        self.model, self.reader, self.labels, self.device, self.num_workers = model, reader, labels, device, num_workers
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, index_batches: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # batch_size=None: each item already is a batch. Its own generator: iterating must not draw
+        # from the global RNG, which seeds dropout (a streamed epoch equals an in-memory one).
+        loader = torch.utils.data.DataLoader(
+            _BatchReads(self.reader, index_batches), batch_size=None, shuffle=False, num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda", generator=torch.Generator(),
+            prefetch_factor=2 if self.num_workers else None, persistent_workers=False,
+        )
+        for picked, signals in zip(index_batches, loader):
+            with torch.no_grad():
+                scalograms = self.model.scalogram(signals.unsqueeze(1).to(self.device, non_blocking=True))
+            yield scalograms, self.labels[picked.to(self.labels.device)]
+
+
+Data = Split | StreamSplit
 
 
 def select_device(cfg: TrainConfig) -> torch.device:
@@ -84,29 +139,57 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
 
 @torch.no_grad()
 def compute_scalograms(
-    model: HybridCWTNet, signals: np.ndarray, device: torch.device, batch_size: int = 256
+    model: HybridCWTNet, signals: np.ndarray | SignalReader, device: torch.device, batch_size: int = 256
 ) -> torch.Tensor:
-    """The frozen front-end, run once per signal: (N, L) -> (N, S, T) on `device`."""
+    """The frozen front-end, run once per signal: (N, L) -> (N, S, T) on `device`, written into
+    one preallocated tensor (no second copy while they are gathered)."""
     model.eval()
-    chunks = []
+    out: torch.Tensor | None = None
     for start in range(0, len(signals), batch_size):
-        batch = torch.from_numpy(signals[start : start + batch_size]).unsqueeze(1)
+        stop = min(start + batch_size, len(signals))
+        rows = signals.read(np.arange(start, stop)) if isinstance(signals, SignalReader) else signals[start:stop]
+        batch = torch.from_numpy(rows).unsqueeze(1)
         if device.type == "cuda":
             batch = batch.pin_memory()
-        chunks.append(model.scalogram(batch.to(device, non_blocking=True)))
-    return torch.cat(chunks)
+        scalograms = model.scalogram(batch.to(device, non_blocking=True))
+        if out is None:
+            out = torch.empty((len(signals), *scalograms.shape[1:]), dtype=scalograms.dtype, device=device)
+        out[start:stop] = scalograms
+    return out
 
 
 def load_split(
-    model: HybridCWTNet, manifest: pd.DataFrame, split: str, raw_dir: Path, classes: list[str], device: torch.device
-) -> Split:
+    model: HybridCWTNet, manifest: pd.DataFrame, split: str, raw_dir: Path, classes: list[str], device: torch.device,
+    input_mode: str = "memory", signal_length: int | None = None, num_workers: int = 0,
+) -> Data:
+    """One split of the manifest, held in memory or streamed (`train.input`). Every file it lists
+    is opened and checked first, so a damaged shard stops the stage before any training."""
     rows = manifest[manifest.split == split]
     if rows.empty:
         raise CwtopsError(f"split manifest has no '{split}' rows; check the balance stage's fractions")
-    signals = load_signals(rows, raw_dir)
     index = {name: i for i, name in enumerate(classes)}
-    labels = torch.tensor([index[name] for name in rows.label], device=device)
-    return Split(compute_scalograms(model, signals, device), labels)
+    labels = torch.tensor(rows.label.map(index).to_numpy(dtype=np.int64), device=device)
+    length = signal_length or int(load_signals(rows.head(1), raw_dir).shape[1])
+    reader = SignalReader(rows, raw_dir, length)
+    reader.check()
+    if input_mode == "stream":
+        return StreamSplit(model, reader, labels, device, num_workers)
+    return Split(compute_scalograms(model, reader, device), labels)
+
+
+def epoch_batches(n: int, batch_size: int, generator: torch.Generator, world: World = SINGLE_PROCESS,
+                  limit: int | None = None) -> list[torch.Tensor]:
+    """This rank's indices for each step of an epoch: one seeded order of all `n` signals, cut
+    into global batches of `batch_size`, each rank taking its interleaved share (disjoint across
+    ranks, together the whole batch). At most `limit` steps."""
+    order = torch.randperm(n, generator=generator)
+    batches = []
+    for start in range(0, n, batch_size):
+        picked = order[start : start + batch_size]
+        if len(picked) < 2 * world.size:  # BatchNorm cannot train on a single sample per rank
+            continue
+        batches.append(shard(picked, world))
+    return batches[:limit] if limit is not None else batches
 
 
 def shift_in_time(batch: torch.Tensor, max_share: float, generator: torch.Generator) -> torch.Tensor:
@@ -141,7 +224,7 @@ def batch_loss(
 
 def train_one_epoch(
     model: HybridCWTNet,
-    data: Split,
+    data: Data,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     loss_fn: nn.Module,
@@ -152,42 +235,67 @@ def train_one_epoch(
     batch_size: int,
     world: World = SINGLE_PROCESS,
     head: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> float:
-    """One pass over the training split; returns the mean training loss (per member for ensembles)."""
+    max_steps: int | None = None,
+) -> tuple[float, int]:
+    """One pass over the training split (at most `max_steps` steps): (mean training loss, per
+    member for ensembles; optimizer steps taken)."""
     model.train()
     head = head or wrap_head(model, world)  # DDP under torchrun: gradients averaged over the ranks
-    order = torch.randperm(len(data.labels), generator=generator).to(data.labels.device)
+    index_batches = epoch_batches(len(data), batch_size, generator, world, max_steps)
     total, seen = 0.0, 0
-    for start in range(0, len(order), batch_size):
-        picked = order[start : start + batch_size]  # the global batch; each rank takes its share
-        if len(picked) < 2 * world.size:  # BatchNorm cannot train on a single sample per rank
-            continue
-        picked = shard(picked, world)
-        with torch.autocast(data.labels.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            loss = batch_loss(head, data.scalograms[picked], data.labels[picked], loss_fn, cfg, generator)
+    for scalograms, labels in data.batches(index_batches):
+        with torch.autocast(labels.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            loss = batch_loss(head, scalograms, labels, loss_fn, cfg, generator)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        total += loss.item() * len(picked) / model.args.members
-        seen += len(picked)
-    return total / max(seen, 1)
+        total += loss.item() * len(labels) / model.args.members
+        seen += len(labels)
+    return total / max(seen, 1), len(index_batches)
+
+
+def macro_f1(confusion: np.ndarray) -> float:
+    """Macro-F1 from a confusion matrix (rows: truth), averaged over the classes that occur in the
+    truth or the predictions, a class without true or predicted positives scoring 0 (as sklearn's
+    f1_score(average='macro', zero_division=0))."""
+    tp = np.diag(confusion).astype(np.float64)
+    support, predicted = confusion.sum(axis=1), confusion.sum(axis=0)
+    present = (support + predicted) > 0
+    denominator = support + predicted
+    f1 = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
+    return float(f1[present].mean()) if present.any() else 0.0
 
 
 @torch.no_grad()
-def evaluate_split(model: HybridCWTNet, data: Split, loss_fn: nn.Module, batch_size: int) -> dict[str, float]:
-    """Loss, accuracy and macro-F1 of the head on precomputed scalograms."""
+def evaluate_split(model: HybridCWTNet, data: Data, loss_fn: nn.Module, batch_size: int,
+                   world: World = SINGLE_PROCESS) -> dict[str, float]:
+    """Loss, accuracy and macro-F1 of the head on a split. Under torchrun each rank scores its
+    share and the ranks sum their confusion matrices and losses: every rank gets the whole split's
+    figures, and no rank reads all of it."""
     model.eval()
-    logits = torch.cat(
-        [model.head(data.scalograms[i : i + batch_size]).float() for i in range(0, len(data.labels), batch_size)]
-    )
-    truth = data.labels.cpu().numpy()
-    predicted = logits.argmax(1).cpu().numpy()
+    n_classes = model.args.n_classes
+    confusion = torch.zeros(n_classes * n_classes, dtype=torch.float64, device=data.labels.device)
+    loss_sum = torch.zeros(1, dtype=torch.float64, device=data.labels.device)
+    positions = shard(torch.arange(len(data)), world)
+    chunks = [positions[i : i + batch_size] for i in range(0, len(positions), batch_size)]
+    smoothing = getattr(loss_fn, "label_smoothing", 0.0)
+    for scalograms, labels in data.batches(chunks):
+        logits = model.head(scalograms).float()
+        # summed here, divided by the whole split's size below
+        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum", label_smoothing=smoothing).double()
+        confusion += torch.bincount(labels * n_classes + logits.argmax(1), minlength=n_classes**2).double()
+    if world.distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(confusion)
+        dist.all_reduce(loss_sum)
+    matrix = confusion.cpu().numpy().reshape(n_classes, n_classes)
     return {
-        "val_loss": float(loss_fn(logits, data.labels).item()),
-        "val_accuracy": float(accuracy_score(truth, predicted)),
-        "val_macro_f1": float(f1_score(truth, predicted, average="macro", zero_division=0)),
+        "val_loss": float(loss_sum.item() / max(len(data), 1)),
+        "val_accuracy": float(np.trace(matrix) / max(matrix.sum(), 1)),
+        "val_macro_f1": macro_f1(matrix),
     }
 
 
@@ -304,9 +412,13 @@ def resolve_settings(params: Params, manifest: pd.DataFrame, signal_length: int,
         flops = head_flops(model_args(params, *bank_shape, n_classes, signal_length, hop))
         return float(sum(value for layer, value in flops.items() if layer != "frontend"))
 
+    def input_bytes(hop: int) -> int:  # every train and val scalogram as float32, in this process
+        n_signals = int(manifest.split.isin(["train", "val"]).sum())
+        return n_signals * bank_shape[0] * -(-signal_length // hop) * 4
+
     members = cfg.members if cfg.head == "1d" else 1  # the 2-D head trains alone
     return train_settings(params.parse.hop, cfg.epochs, cfg.batch_size, cfg.patience, signal_length, n_train, has_val,
-                          forward_flops, members)
+                          forward_flops, members, cfg.input, input_bytes, cfg.max_steps)
 
 
 def run(params: Params) -> TrainResult:
@@ -325,13 +437,20 @@ def run(params: Params) -> TrainResult:
     matrix, _, _ = load_filter_bank(paths.filter_bank)
     settings = resolve_settings(params, manifest, signal_length, tuple(matrix.shape), len(classes))
     model = _build(params, matrix, len(classes), signal_length, settings, device)
-    train = load_split(model, manifest, "train", raw_dir, classes, device)
-    val = load_split(model, manifest, "val", raw_dir, classes, device) if (manifest.split == "val").any() else None
+    log.info("training input: %s (train.input: %s)", settings.input, cfg.input)
+    reading = {"model": model, "manifest": manifest, "raw_dir": raw_dir, "classes": classes, "device": device,
+               "input_mode": settings.input, "signal_length": signal_length, "num_workers": cfg.num_workers}
+    tick = time.perf_counter()
+    train = load_split(split="train", **reading)
+    load_seconds = {"train": time.perf_counter() - tick}  # the in-memory input's front-end pass, or the file checks
+    val = load_split(split="val", **reading) if (manifest.split == "val").any() else None
+    load_seconds["val"] = time.perf_counter() - tick - load_seconds["train"]
 
     # fused: one kernel for every parameter's update (the head has ~30 tensors; per-tensor updates
     # dominate a step on small batches)
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    steps = settings.epochs * max(1, len(train.labels) // settings.batch_size + 1)
+    steps = settings.epochs * max(1, len(train) // settings.batch_size + 1)
+    steps = min(steps, settings.max_steps or steps)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=steps, pct_start=0.1)
     amp_dtype = autocast_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -345,7 +464,8 @@ def run(params: Params) -> TrainResult:
     _fit(state, train, val, params, settings, paths, amp_dtype, fingerprint, world)
     model.load_state_dict(state.best_state)
     if world.is_main:
-        _write_outputs(state, params, settings, paths, classes, device, started, resumed_from, world, val is not None)
+        _write_outputs(state, params, settings, paths, classes, device, started, resumed_from, world, val is not None,
+                       load_seconds)
         paths.last_checkpoint.unlink(missing_ok=True)  # finished: the next run starts afresh
     close_world(world)
     return TrainResult(
@@ -361,8 +481,8 @@ def run(params: Params) -> TrainResult:
 
 def _fit(
     state: TrainState,
-    train: Split,
-    val: Split | None,
+    train: Data,
+    val: Data | None,
     params: Params,
     settings: TrainSettings,
     paths: ArtifactPaths,
@@ -377,21 +497,24 @@ def _fit(
     epochs = tqdm(range(state.next_epoch, settings.epochs + 1), desc="train", unit="epoch", initial=state.next_epoch - 1,
                   total=settings.epochs, disable=not world.is_main)
     for epoch in epochs:
-        if state.stale_epochs >= settings.patience:
+        steps_left = None if settings.max_steps is None else settings.max_steps - state.scheduler.last_epoch
+        if state.stale_epochs >= settings.patience or (steps_left is not None and steps_left <= 0):
             break
         tick = time.perf_counter()
         # Seeded per epoch, so a resumed run draws the same batches, augmentations and dropout masks.
         torch.manual_seed(params.base.seed + epoch)
         generator = torch.Generator().manual_seed(params.base.seed + epoch)
-        train_loss = train_one_epoch(
+        train_loss, steps = train_one_epoch(
             state.model, train, state.optimizer, state.scheduler, loss_fn, cfg, generator, amp_dtype, state.scaler,
-            settings.batch_size, world, head,
+            settings.batch_size, world, head, steps_left,
         )
+        fit_seconds = time.perf_counter() - tick
         sync_buffers(state.model, world)  # every rank now evaluates rank 0's model: same decisions everywhere
         nothing = {"val_loss": float("nan"), "val_accuracy": float("nan"), "val_macro_f1": float("nan")}
-        row = {"epoch": epoch, "train_loss": train_loss, **(evaluate_split(state.model, val, loss_fn, 256) if val else nothing)}
+        scores = evaluate_split(state.model, val, loss_fn, 256, world) if val else nothing
+        row = {"epoch": epoch, "train_loss": train_loss, **scores}
         row["lr"] = state.optimizer.param_groups[0]["lr"]
-        row["seconds"] = time.perf_counter() - tick
+        row |= {"seconds": time.perf_counter() - tick, "fit_seconds": fit_seconds, "steps": steps}
         state.history.append(row)
         # With a validation split: best macro-F1, ties to the lower loss. Without: the lowest training loss.
         better = ((row["val_macro_f1"], -row["val_loss"]) > (state.best_f1, -state.best_loss) if val
@@ -422,6 +545,7 @@ def _write_outputs(
     resumed_from: int,
     world: World = SINGLE_PROCESS,
     validated: bool = True,
+    load_seconds: dict[str, float] | None = None,
 ) -> None:
     bank_sha = load_json_sha(paths)
     model = state.model.to("cpu").to(memory_format=torch.contiguous_format)
@@ -450,6 +574,7 @@ def _write_outputs(
             "settings": settings.summary(),
             "parameters": sum(p.numel() for p in trainable_parameters(model)),
             "seconds": time.perf_counter() - started,
+            "load_seconds": load_seconds or {},
             "device": str(device),
             "resumed_from": resumed_from,
             "world_size": world.size,
