@@ -7,7 +7,8 @@ paths changed and `train.epochs: 1` (at 1,000,000 also `train.max_steps`, a fixe
 a full epoch there is hours on 2 cores). Then `cwtops stage parse|balance|train|evaluate`, each its
 own process, each one's peak resident memory read from the kernel (`wait4`'s ru_maxrss).
 `train.input` stays `auto`: in memory while the scalograms fit 1 GiB (10,000), streamed above.
-At the smallest size the train stage runs a second time with `train.input: stream`, side by side.
+At the smallest size the train stage runs again with `train.input: stream`, and streamed with one
+DataLoader worker reading ahead (`train.num_workers: 1`), side by side.
 
 Reported: per stage, seconds, peak MB and microseconds per signal; for train, milliseconds per
 training signal (its training pass, plus the front-end pass that the in-memory input makes first);
@@ -42,6 +43,9 @@ MAX_RATIO = 1.25  # time per training signal at 100,000 vs the in-memory path at
 MAX_SCAN_BALANCE_S = 60.0  # parse + balance of a 1,000,000-row manifest
 MAX_DVC_STATUS_S = 5.0  # with 1,000 shard files
 STAGES = ("parse", "balance", "train", "evaluate")
+# the train stage again at the smallest size, side by side: streamed, and streamed with a DataLoader
+# process reading batches ahead
+VARIANTS = {"train_stream": {"input": "stream"}, "train_stream_workers": {"input": "stream", "num_workers": 1}}
 
 
 def measured(command: list[str], cwd: Path, env: dict | None = None, log: Path | None = None) -> dict:
@@ -95,7 +99,7 @@ def per_training_signal_ms(artifacts: Path) -> dict:
             "val_macro_f1": float(history.val_macro_f1.iloc[-1])}
 
 
-def run_size(signals: int, root: Path, env: dict, keep: bool, stream_too: bool) -> dict:
+def run_size(signals: int, root: Path, env: dict, keep: bool, variants: bool) -> dict:
     folder = root / f"n{signals}"
     overrides = {"max_steps": STEPS_AT_A_MILLION} if signals >= 1_000_000 else {}
     tick = time.perf_counter()
@@ -108,15 +112,14 @@ def run_size(signals: int, root: Path, env: dict, keep: bool, stream_too: bool) 
         result["stages"][stage] = measured([str(BIN / "cwtops"), "stage", stage, "--params", str(params)], folder, env, log)
         if stage == "train":
             result["train"] = per_training_signal_ms(folder / "artifacts")
-    if stream_too:
+    for name, changes in (VARIANTS if variants else {}).items():
         raw = yaml.safe_load(params.read_text())
-        raw["train"]["input"] = "stream"
-        streamed = folder / "params-stream.yaml"
-        streamed.write_text(yaml.safe_dump(raw, sort_keys=False))
-        print(f"[{signals}] train, streamed ...", flush=True)
-        result["stages"]["train_stream"] = measured([str(BIN / "cwtops"), "stage", "train", "--params", str(streamed)],
-                                                    folder, env, log)
-        result["train_stream"] = per_training_signal_ms(folder / "artifacts")
+        raw["train"].update(changes)
+        changed = folder / f"params-{name}.yaml"
+        changed.write_text(yaml.safe_dump(raw, sort_keys=False))
+        print(f"[{signals}] {name} ...", flush=True)
+        result["stages"][name] = measured([str(BIN / "cwtops"), "stage", "train", "--params", str(changed)], folder, env, log)
+        result[name] = per_training_signal_ms(folder / "artifacts")
     manifest_rows = sum(1 for _ in open(folder / "artifacts/parse/manifest.csv")) - 1
     result["manifest_rows"] = manifest_rows
     if not keep:
@@ -209,7 +212,7 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     results = []
     for signals in sizes:
-        results.append(run_size(signals, args.root, env, args.keep, stream_too=signals == min(sizes)))
+        results.append(run_size(signals, args.root, env, args.keep, variants=signals == min(sizes)))
         payload = {"sizes": results}
         write_json(args.json, payload)  # rewritten after every size: a long run keeps what it measured
     dvc = None if args.no_dvc else dvc_timings(100_000, args.root)
@@ -220,7 +223,7 @@ def main() -> None:
             rows.append({"signals": r["signals"], "stage": stage, "seconds": figures["seconds"], "peak MB": figures["peak_mb"],
                          "us/signal": per})
     print_table("Peak memory and time per stage", rows, ["signals", "stage", "seconds", "peak MB", "us/signal"])
-    train_rows = [{"signals": r["signals"], "run": name, **r[name]} for r in results for name in ("train", "train_stream") if name in r]
+    train_rows = [{"signals": r["signals"], "run": name, **r[name]} for r in results for name in ("train", *VARIANTS) if name in r]
     print_table("Train: time per training signal", train_rows,
                 ["signals", "run", "input", "trained_signals", "fit_seconds", "front_end_seconds", "ms_per_training_signal", "val_macro_f1"])
     print_table("Growth from each size to the next", growth(results), list(growth(results)[0]) if len(results) > 1 else ["from"])

@@ -106,11 +106,16 @@ def predict_command(
     params_path: Path = ParamsOption,
 ) -> None:
     """Classify signals through Triton; print class names with probabilities."""
-    from tasks.triton_client import classify
+    from tasks.triton_client import as_batch, classify
     from tasks.triton_server import http_url
 
     params = load_params(params_path)
-    results = classify(url or http_url(params), model or params.base.model_name, read_signals(file), top_k=top_k, version=version)
+    signals = read_signals(file)
+    try:
+        as_batch(signals)
+    except CwtopsError as error:  # refused before anything is sent, naming the file
+        raise CwtopsError(f"{file}: {error}") from None
+    results = classify(url or http_url(params), model or params.base.model_name, signals, top_k=top_k, version=version)
     for index, ranked in enumerate(results):
         typer.echo(f"signal {index}: " + ", ".join(f"{name} {probability:.4f}" for name, probability in ranked))
 

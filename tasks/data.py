@@ -584,44 +584,103 @@ class SignalDataset(torch.utils.data.Dataset):
         return torch.from_numpy(signal).unsqueeze(0), int(self.labels[i])
 
 
-class SignalReader:
-    """Reads any rows of a manifest as one [B, L] float32 batch, through memory maps.
+@dataclass(frozen=True)
+class _Shard:
+    """Where one .npy file's signals lie: after its header, rows of `row_bytes` in C order."""
 
-    What a streaming epoch reads from: only the batch's signals are ever in memory. `check()`
-    opens every file the manifest lists once, so a truncated or damaged shard is refused (naming
-    it) before training starts; `read()` refuses NaN/Inf naming the file and row.
+    offset: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def rows(self) -> int:
+        return 1 if len(self.shape) == 1 else self.shape[0]
+
+    @property
+    def row_bytes(self) -> int:
+        return self.shape[-1] * self.dtype.itemsize
+
+
+def _read_shard_header(path: Path) -> _Shard:
+    """The header of a .npy file, checked against the file's size (a truncated file is refused)."""
+    try:
+        with open(path, "rb") as handle:
+            major, _ = np.lib.format.read_magic(handle)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(handle)
+            offset = handle.tell()
+    except (OSError, ValueError, EOFError) as error:
+        raise DataError(f"{path}: cannot read a file the manifest lists ({error}); restore it or rerun the pipeline") from None
+    if fortran or dtype.kind != "f" or len(shape) not in (1, 2) or dtype.hasobject:
+        raise DataError(f"{path}: holds {dtype} {shape}{' in Fortran order' if fortran else ''}, not float signals [N, L] "
+                        "in C order; rewrite it with numpy.save and rerun the parse stage")
+    size, needed = path.stat().st_size, offset + int(np.prod(shape)) * dtype.itemsize
+    if size < needed:
+        raise DataError(f"{path}: truncated ({size} bytes, its header promises {needed}); restore it or rerun the pipeline")
+    return _Shard(offset, tuple(shape), dtype)
+
+
+class SignalReader:
+    """Reads any rows of a manifest as one [B, L] float32 batch, each row with one positioned read.
+
+    What a streaming epoch and the evaluate stage read from: only the batch's signals are ever in
+    the process's memory. Rows are read with `os.pread`, not through memory maps, so the file
+    pages a long epoch touches stay in the kernel's page cache and never count as the process's
+    resident memory. `check()` reads every listed file's header once, so a truncated or damaged
+    shard is refused (naming it) before any work starts; `read()` refuses NaN/Inf naming the file
+    and row. Safe in DataLoader worker processes (files are opened per read).
     """
 
     def __init__(self, manifest: pd.DataFrame, raw_dir: Path | str, length: int) -> None:
         self.raw_dir, self.length = Path(raw_dir), length
         self.files = manifest.file.astype(str).to_numpy()
         self.rows = manifest.row.to_numpy(dtype=np.int64)
-        self._cache = _FileCache(self.raw_dir)
+        self._shards: dict[str, _Shard] = {}
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    def _shard(self, file: str) -> _Shard:
+        shard = self._shards.get(file)
+        if shard is None:
+            shard = self._shards[file] = _read_shard_header(self.raw_dir / file)
+        return shard
+
     def check(self) -> None:
-        """Every listed file opens, holds float signals of the right length and the rows listed."""
+        """Every listed file is whole, holds float signals of the right length and the rows listed."""
         last_row = pd.Series(self.rows).groupby(self.files, sort=False).max()
         for file, row in last_row.items():
-            array, path = self._cache.array(file), self.raw_dir / file
-            if array.dtype.kind != "f" or array.ndim not in (1, 2):
-                raise DataError(f"{path}: holds {array.dtype} {array.shape}, not float signals [N, L]; rerun the parse stage")
-            if array.shape[-1] != self.length:
-                raise DataError(f"{path}: signal length {array.shape[-1]}, the manifest's signals have {self.length}; rerun the parse stage")
-            rows = 1 if array.ndim == 1 else array.shape[0]
-            if row >= rows:
-                raise DataError(f"{path}: holds {rows} signals but the manifest lists row {row}; it changed since the "
+            shard, path = self._shard(file), self.raw_dir / file
+            if shard.shape[-1] != self.length:
+                raise DataError(f"{path}: signal length {shard.shape[-1]}, the manifest's signals have {self.length}; rerun the parse stage")
+            if row >= shard.rows:
+                raise DataError(f"{path}: holds {shard.rows} signals but the manifest lists row {row}; it changed since the "
                                 "parse stage (truncated or rewritten?): restore it or rerun the pipeline")
+
+    def _read_rows(self, file: str, rows: np.ndarray, out: np.ndarray) -> None:
+        shard, path = self._shard(file), self.raw_dir / file
+        try:
+            descriptor = os.open(path, os.O_RDONLY)
+        except OSError as error:
+            raise DataError(f"{path}: cannot read a file the manifest lists ({error}); restore it or rerun the pipeline") from None
+        try:
+            for target, row in zip(out, rows):
+                data = os.pread(descriptor, shard.row_bytes, shard.offset + int(row) * shard.row_bytes)
+                if len(data) != shard.row_bytes:
+                    raise DataError(f"{path}: truncated at row {row} since the stage started; restore it or rerun the pipeline")
+                target[:] = np.frombuffer(data, dtype=shard.dtype)
+        finally:
+            os.close(descriptor)
 
     def read(self, index: np.ndarray) -> np.ndarray:
         """Signals at manifest positions `index`, in that order: [len(index), L] float32."""
         out = np.empty((len(index), self.length), dtype=np.float32)
         files, rows = self.files[index], self.rows[index]
         for file, positions in pd.Series(files).groupby(files, sort=False).indices.items():
-            array = self._cache.array(file)
-            out[positions] = array if array.ndim == 1 else array[rows[positions]]
+            order = positions[np.argsort(rows[positions], kind="stable")]  # ascending offsets within a file
+            block = np.empty((len(order), self.length), dtype=np.float32)
+            self._read_rows(file, rows[order], block)
+            out[order] = block
         finite = np.isfinite(out).all(axis=1)
         if not finite.all():
             bad = int(np.argmin(finite))

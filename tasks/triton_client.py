@@ -55,7 +55,20 @@ def as_batch(signals: np.ndarray) -> np.ndarray:
         array = array.reshape(-1, 1, array.shape[-1])
     if array.ndim != 3 or array.shape[1] != 1 or array.shape[0] == 0 or array.shape[2] == 0:
         raise CwtopsError(f"signals have shape {list(np.shape(signals))}; expected [L], [N, L] or [N, 1, L] with N, L >= 1")
+    finite = np.isfinite(array).all(axis=(1, 2))
+    if not finite.all():
+        raise CwtopsError(f"signal {int(np.argmin(finite))} holds NaN or infinite values; the model takes finite numbers "
+                          "(clean or drop that signal)")
     return np.ascontiguousarray(array)
+
+
+def served_length(config: dict) -> int | None:
+    """The signal length the served model takes (its input's last dimension; None if variable)."""
+    for tensor in config.get("input", []):
+        if tensor.get("name") == INPUT_NAME and tensor.get("dims"):
+            length = int(tensor["dims"][-1])
+            return length if length > 0 else None
+    return None
 
 
 def max_batch_size(url: str, model: str, client: httpclient.InferenceServerClient | None = None) -> int:
@@ -93,10 +106,24 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
-def class_names(url: str, model: str, client: httpclient.InferenceServerClient | None = None) -> list[str]:
-    """Class names from the served config (`parameters.class_names`, the same list as labels.txt)."""
+def served_config(url: str, model: str, version: int | None = None,
+                  client: httpclient.InferenceServerClient | None = None) -> dict:
     with triton_errors(url, model):
-        config = (client or connect(url)).get_model_config(model)
+        return (client or connect(url)).get_model_config(model, model_version=str(version or ""))
+
+
+def check_length(batch: np.ndarray, config: dict, url: str, model: str) -> None:
+    """Refuse signals of another length than the served model's, before sending them."""
+    length = served_length(config)
+    if length is not None and batch.shape[-1] != length:
+        raise CwtopsError(f"signals have {batch.shape[-1]} samples; model '{model}' at {url} takes signals of {length} "
+                          "samples (resample, crop or pad them to that length)")
+
+
+def class_names(url: str, model: str, client: httpclient.InferenceServerClient | None = None,
+                config: dict | None = None) -> list[str]:
+    """Class names from the served config (`parameters.class_names`, the same list as labels.txt)."""
+    config = config or served_config(url, model, client=client)
     raw = config.get("parameters", {}).get("class_names", {}).get("string_value", "")
     try:
         names = json.loads(raw) if raw else []
@@ -108,8 +135,12 @@ def class_names(url: str, model: str, client: httpclient.InferenceServerClient |
 def classify(url: str, model: str, signals: np.ndarray, top_k: int = 3, version: int | None = None) -> list[list[tuple[str, float]]]:
     """For each signal, the top-k (class name, probability) pairs, most probable first."""
     client = connect(url)
-    probabilities = softmax(infer(url, model, signals, version, client=client))
-    names = class_names(url, model, client)
+    batch = as_batch(signals)  # refused here, before anything is sent: dtype, shape, NaN or Inf
+    config = served_config(url, model, version, client)
+    check_length(batch, config, url, model)
+    probabilities = softmax(infer(url, model, batch, version, max_batch=max(1, int(config.get("max_batch_size", 0))),
+                                  client=client))
+    names = class_names(url, model, client, config)
     if len(names) != probabilities.shape[1]:
         names = [f"class {i}" for i in range(probabilities.shape[1])]
     ranked = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]

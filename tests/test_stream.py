@@ -173,3 +173,21 @@ def test_a_damaged_shard_is_refused_by_name_and_nothing_is_written(small_stage_p
     with pytest.raises(DataError, match=str(victim)):
         train.run(params)
     assert not paths.model.exists() and not paths.train_summary.exists() and not paths.history.exists()
+
+
+def test_signal_reader_reads_the_rows_the_manifest_names(tmp_path: Path) -> None:
+    from tasks.data import load_signals, scan_raw
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    np.save(tmp_path / "a/many.npy", rng.standard_normal((7, 32)).astype(np.float32))
+    np.save(tmp_path / "a/one.npy", rng.standard_normal(32).astype(np.float32))  # a single signal [L]
+    np.save(tmp_path / "b/wide.npy", rng.standard_normal((5, 32)))  # float64, converted
+    np.save(tmp_path / "b/half.npy", rng.standard_normal((3, 32)).astype(">f2"))  # big-endian float16
+    manifest = scan_raw(tmp_path)
+    reader = SignalReader(manifest, tmp_path, 32)
+    reader.check()
+    index = rng.permutation(len(manifest))[:11]
+    assert np.array_equal(reader.read(index), load_signals(manifest.iloc[index], tmp_path))
+    assert reader.read(np.arange(0)).shape == (0, 32)

@@ -371,6 +371,11 @@ BAD_REQUESTS = {  # raw request, what Triton's error must mention, what the clie
                np.zeros((1, LENGTH + 7), np.float32), "signal"),
     "dtype": (np.zeros((1, 1, LENGTH), np.float64), "FP64", ("FP64", "FP32"), np.zeros((1, LENGTH), np.float64), "float32"),
     "empty batch": (np.zeros((0, 1, LENGTH), np.float32), "FP32", ("[400]", "got 0"), np.zeros((0, LENGTH), np.float32), "N, L >= 1"),
+    "nan": (np.full((2, 1, LENGTH), np.nan, np.float32), "FP32", ("signal 0 holds NaN or infinite values",),
+            np.full((2, LENGTH), np.nan, np.float32), "signal 0 holds NaN or infinite values"),
+    "inf in the second signal": (np.stack([np.zeros((1, LENGTH)), np.full((1, LENGTH), np.inf)]).astype(np.float32), "FP32",
+                                 ("signal 1 holds NaN or infinite values",), np.stack([np.zeros(LENGTH), np.full(LENGTH, -np.inf)]).astype(np.float32),
+                                 "signal 1 holds NaN or infinite values"),
 }
 
 
@@ -380,7 +385,7 @@ def test_bad_request_gets_a_clear_error_and_serving_goes_on(published: Server, b
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
-    from tasks.triton_client import connect, infer
+    from tasks.triton_client import classify, connect, infer
 
     array, datatype, mentions, client_side, refusal = BAD_REQUESTS[bad]
     tensor = httpclient.InferInput("signal", list(array.shape), datatype)
@@ -390,7 +395,63 @@ def test_bad_request_gets_a_clear_error_and_serving_goes_on(published: Server, b
     assert all(text in str(error.value) for text in mentions), str(error.value)
     with pytest.raises(CwtopsError, match=re.escape(refusal)):
         infer(published.url, MODEL, client_side)
+    if bad == "length":  # what `cwtops predict` says before sending
+        with pytest.raises(CwtopsError, match=f"signals have {LENGTH + 7} samples; model '{MODEL}' .* takes signals of {LENGTH} samples"):
+            classify(published.url, MODEL, client_side)
     assert infer(published.url, MODEL, np.zeros((1, LENGTH), np.float32)).shape == (1, CLASSES)
+
+
+def _malformed(rng: np.random.Generator, max_batch: int) -> tuple[str, np.ndarray, str]:
+    """One malformed request of a random kind: (kind, array, Triton datatype)."""
+    batch = int(rng.integers(1, 5))
+    good = rng.standard_normal((batch, 1, LENGTH)).astype(np.float32)
+    kind = str(rng.choice(["nan", "inf", "length", "dtype", "empty", "oversized", "rank"]))
+    if kind in ("nan", "inf"):
+        good[rng.integers(batch), 0, rng.integers(LENGTH)] = np.nan if kind == "nan" else rng.choice([np.inf, -np.inf])
+        return kind, good, "FP32"
+    if kind == "length":
+        length = int(rng.choice([1, LENGTH - 1, LENGTH + 1, 2 * LENGTH]))
+        return kind, rng.standard_normal((batch, 1, length)).astype(np.float32), "FP32"
+    if kind == "dtype":
+        dtype, name = [(np.float64, "FP64"), (np.float16, "FP16"), (np.int32, "INT32"), (np.uint8, "UINT8")][rng.integers(4)]
+        return kind, good.astype(dtype), name
+    if kind == "empty":
+        return kind, np.zeros((0, 1, LENGTH), np.float32), "FP32"
+    if kind == "oversized":
+        return kind, np.zeros((max_batch + int(rng.integers(1, 9)), 1, LENGTH), np.float32), "FP32"
+    return kind, good.reshape(batch, LENGTH) if rng.random() < 0.5 else good.reshape(batch, 1, 1, LENGTH), "FP32"
+
+
+@slow
+def test_fuzz_malformed_requests_over_http_and_grpc_are_refused_and_serving_goes_on(published: Server) -> None:
+    """60 malformed requests of seven kinds, half over HTTP, half over gRPC: each is refused as an
+    invalid argument (HTTP 400, gRPC INVALID_ARGUMENT) and a good request after every one is answered."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    rng = np.random.default_rng(2026)
+    max_batch = published.params.triton.max_batch_size
+    clients = {"http": (httpclient, httpclient.InferenceServerClient(published.url)),
+               "grpc": (grpcclient, grpcclient.InferenceServerClient(f"127.0.0.1:{published.params.triton.grpc_port}"))}
+    good = np.random.default_rng(1).standard_normal((1, 1, LENGTH)).astype(np.float32)
+    refused: dict[str, int] = {}
+    for attempt in range(60):
+        protocol = "http" if attempt % 2 == 0 else "grpc"
+        module, client = clients[protocol]
+        kind, array, datatype = _malformed(rng, max_batch)
+        tensor = module.InferInput("signal", list(array.shape), datatype)
+        tensor.set_data_from_numpy(array)
+        with pytest.raises(InferenceServerException) as error:
+            client.infer(MODEL, [tensor])
+        expected = "400" if protocol == "http" else "StatusCode.INVALID_ARGUMENT"
+        assert error.value.status() == expected, (protocol, kind, error.value.status(), str(error.value))
+        refused[kind] = refused.get(kind, 0) + 1
+        ok = module.InferInput("signal", list(good.shape), "FP32")
+        ok.set_data_from_numpy(good)
+        assert client.infer(MODEL, [ok]).as_numpy("logits").shape == (1, CLASSES)
+    assert sum(refused.values()) == 60 and len(refused) == 7, refused
+    assert clients["http"][1].is_server_live() and clients["http"][1].is_model_ready(MODEL)
 
 
 @slow

@@ -138,6 +138,14 @@ class TritonPythonModel:
             if len(shape) != len(dims) or any(d not in (-1, s) for d, s in zip(dims, shape)):
                 expected = ["batch", *dims] if self.max_batch_size else dims
                 raise RequestError(f"model '{self.name}': input '{name}' has shape {list(array.shape)}, expected {expected}")
+            if self.max_batch_size and not 1 <= array.shape[0] <= self.max_batch_size:
+                raise RequestError(f"model '{self.name}': input '{name}' holds a batch of {array.shape[0]}; "
+                                   f"send 1 to {self.max_batch_size} signals per request")
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                rows = array.reshape(len(array), -1) if self.max_batch_size else array.reshape(1, -1)
+                row = int(np.argmin(np.isfinite(rows).all(axis=1)))
+                raise RequestError(f"model '{self.name}': input '{name}' signal {row} holds NaN or infinite values; "
+                                   "send finite numbers (clean or drop that signal)")
             arrays[name] = array
         return arrays
 
