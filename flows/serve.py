@@ -28,6 +28,7 @@ from tasks.webhook import PATH, WebhookVerifier, make_server
 log = logging.getLogger(__name__)
 WEBHOOK_NAME = "cwtops-rollout"
 PREFECT_PORT = int(os.environ.get("CWTOPS_PREFECT_PORT", "4200"))
+SHUTDOWN_SECONDS = 10.0  # SIGTERM or Ctrl-C to exit, whatever else is down
 
 
 def ensure_prefect_server(timeout: float = 90.0) -> str:
@@ -106,8 +107,6 @@ def serve(params_file: str = str(DEFAULT_PARAMS), webhook: bool = True) -> None:
 
     params = load_params(params_file)
     print(f"Prefect API: {ensure_prefect_server()}")  # before Prefect is imported: it reads the URL once
-    from prefect import serve as prefect_serve
-
     from flows.pipeline import train_flow
     from flows.rollout import rollout_flow
 
@@ -122,7 +121,54 @@ def serve(params_file: str = str(DEFAULT_PARAMS), webhook: bool = True) -> None:
         print(f"webhook receiver: {receiver}")
     absolute = str(Path(params_file).resolve())
     _converge_once(rollout_flow, absolute)
-    prefect_serve(
+    serve_deployments(
         train_flow.to_deployment(name="nightly", cron=params.rollout.retrain_cron, parameters={"params_file": absolute}),
         rollout_flow.to_deployment(name="reconcile", interval=params.rollout.reconcile_seconds, parameters={"params_file": absolute}),
     )
+
+
+def exit_within(seconds: float, reason: str) -> threading.Timer:
+    """Leave the process after `seconds` whatever its shutdown is waiting on, saying what was left."""
+
+    def leave() -> None:
+        print(f"cwtops serve: not stopped cleanly within {seconds:.0f} s: {reason}; exiting anyway", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    timer = threading.Timer(seconds, leave)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def serve_deployments(*deployments: object) -> None:
+    """What `prefect.serve` does, with a shutdown that ends within SHUTDOWN_SECONDS of SIGTERM or
+    Ctrl-C. Prefect's runner stops gracefully by pausing the deployments' schedules through the
+    API; with the Prefect server gone those calls wait and retry for minutes. Past the bound the
+    process exits, naming what it could not clean up."""
+    import asyncio
+    import signal
+
+    from prefect.runner import Runner
+
+    api = os.environ.get("PREFECT_API_URL", "the Prefect API")
+    reason = (f"could not pause the deployments' schedules at {api} (is the Prefect server down?); they run again "
+              "when `cwtops serve` starts, or pause them in the Prefect UI")
+
+    class BoundedRunner(Runner):
+        def handle_sigterm(self, *args: object, **kwargs: object) -> None:
+            exit_within(SHUTDOWN_SECONDS, reason)
+            super().handle_sigterm(*args, **kwargs)
+
+    def on_interrupt(signum: int, frame: object) -> None:
+        exit_within(SHUTDOWN_SECONDS, reason)
+        raise KeyboardInterrupt
+
+    runner = BoundedRunner(pause_on_shutdown=True)
+    for deployment in deployments:
+        runner.add_deployment(deployment)
+    print("serving deployments: " + ", ".join(f"{d.flow_name}/{d.name}" for d in deployments), flush=True)
+    signal.signal(signal.SIGINT, on_interrupt)  # asyncio.run keeps a handler it did not install
+    try:
+        asyncio.run(runner.start())
+    except KeyboardInterrupt:
+        log.info("interrupted; shutting down")

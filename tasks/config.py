@@ -80,6 +80,7 @@ class TrainConfig(Section):
     # auto: as many (up to 5) as the training budget leaves room for after a full schedule
     members: Annotated[int, Field(ge=1, le=16)] | Auto = "auto"
     channels: tuple[int, int, int, int] = (64, 64, 128, 128)
+    raw_channel: bool = False  # 1d head: the standardised signal as one more input channel beside the scales
     hidden: int = Field(128, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
     stem: Literal["pool", "strided"] = "strided"  # 2d head: a stride-2 conv1, or conv1 + 2x2 max-pool (4x the cost)

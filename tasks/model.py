@@ -175,6 +175,13 @@ class ModelArgs:
     # Checkpoints written before the 1-D head existed carry no `head` key and rebuild as "2d".
     head: HeadKind = "2d"
     members: int = 1  # ensemble size (1-D head): heads on the one front-end, probabilities averaged
+    # 1-D head: the standardised signal itself, averaged over each hop, as one more input channel
+    # beside the S scales (the magnitudes drop the waveform's sign and phase). Older checkpoints: off.
+    raw_channel: bool = False
+
+    @property
+    def input_channels(self) -> int:
+        return self.n_filters + int(self.raw_channel)
 
 
 def _conv_block(in_channels: int, out_channels: int, strided: bool = False) -> nn.Sequential:
@@ -212,8 +219,8 @@ class TimeHead(nn.Module):
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        widths = (args.n_filters, *args.channels)
-        self.input_norm = nn.BatchNorm1d(args.n_filters)  # per scale: scales differ in energy by decades
+        widths = (args.input_channels, *args.channels)
+        self.input_norm = nn.BatchNorm1d(args.input_channels)  # per scale: scales differ in energy by decades
         for index, (kernel, dilation) in enumerate(zip(KERNELS_1D, DILATIONS_1D), start=1):
             setattr(self, f"conv{index}", _conv1d_block(widths[index - 1], widths[index], kernel, dilation))
         self.fc1 = nn.Linear(2 * args.channels[-1], args.hidden)
@@ -249,8 +256,9 @@ class HybridCWTNet(nn.Module):
                 raise CwtopsError(f"an ensemble needs at least one member, got members={args.members}")
             self.members = nn.ModuleList([TimeHead(args) for _ in range(args.members)])
             return
-        if args.members != 1:
-            raise CwtopsError("ensembles are built from the 1-D head: set train.head: 1d or train.members: 1")
+        if args.members != 1 or args.raw_channel:
+            raise CwtopsError("ensembles and the raw channel are built from the 1-D head: set train.head: 1d, or "
+                              "train.members: 1 and train.raw_channel: false")
         c1, c2, c3, c4 = args.channels
         self.input_norm = nn.BatchNorm2d(1)
         self.conv1 = _conv_block(1, c1, strided=args.stem == "strided")
@@ -272,7 +280,13 @@ class HybridCWTNet(nn.Module):
         """(B, 1, L) -> (B, S, T): standardised signal through the frozen filter bank."""
         centred = signal - signal.mean(dim=-1, keepdim=True)
         scale = centred.square().mean(dim=-1, keepdim=True).add(1e-8).sqrt()
-        return self.frontend(centred / scale)
+        standardised = centred / scale
+        features = self.frontend(standardised)
+        if not self.args.raw_channel:
+            return features
+        # the same T = ceil(L / hop) steps as the front-end's strided output
+        raw = F.avg_pool1d(standardised, self.args.hop, self.args.hop, ceil_mode=True) if self.args.hop > 1 else standardised
+        return torch.cat([features, raw], dim=1)  # (B, S + 1, T)
 
     def head(self, scalogram: torch.Tensor) -> torch.Tensor:
         """(B, S, T) -> logits (B, C); an ensemble's are the log of its mean probabilities."""
@@ -287,7 +301,10 @@ class HybridCWTNet(nn.Module):
 
     def member_logits(self, scalogram: torch.Tensor) -> list[torch.Tensor]:
         """Each ensemble member's logits (1-D head): what training fits, one loss per member."""
-        features = torch.log1p(scalogram)
+        scales = self.args.n_filters
+        features = torch.log1p(scalogram[:, :scales])
+        if self.args.raw_channel:  # the signal channel is signed: no log
+            features = torch.cat([features, scalogram[:, scales:]], dim=1)
         return [member(features) for member in self.members]
 
     def training_head(self, scalogram: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
@@ -303,7 +320,7 @@ def head_flops(args: ModelArgs) -> dict[str, int]:
     height, width = args.n_filters, -(-args.signal_length // args.hop)
     flops = {"frontend": 2 * args.n_filters * args.kernel_size * width}
     if args.head == "1d":
-        widths = (args.n_filters, *args.channels)
+        widths = (args.input_channels, *args.channels)
         for index, kernel in enumerate(KERNELS_1D, start=1):
             flops[f"conv{index}"] = args.members * 2 * width * widths[index - 1] * widths[index] * kernel
         flops["fc1"] = args.members * 2 * 2 * args.channels[-1] * args.hidden

@@ -385,6 +385,7 @@ def model_args(params: Params, n_filters: int, kernel_size: int, n_classes: int,
         stem=cfg.stem,
         head=cfg.head,
         members=members,
+        raw_channel=cfg.raw_channel and cfg.head == "1d",
     )
 
 

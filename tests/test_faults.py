@@ -124,3 +124,37 @@ def _wait_for_deployments(api: str, serve: subprocess.Popen, log: Path, timeout:
             pass
         time.sleep(1)
     raise AssertionError(f"`cwtops serve` did not register its deployments:\n{log.read_text()[-3000:]}")
+
+
+def test_serve_stops_within_10_seconds_of_sigterm_with_the_prefect_server_gone(in_project: Path, mlflow_server: str,
+                                                                               triton_server: str, services_env: dict,
+                                                                               tmp_path: Path) -> None:
+    """Prefect's graceful stop pauses schedules through the API; with the server gone that waits
+    for minutes. `cwtops serve` exits within 10 s anyway and says what it could not clean up."""
+    port = free_port()
+    env = {**services_env, "CWTOPS_PREFECT_PORT": str(port), "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        serve = subprocess.Popen([str(BIN / "cwtops"), "serve", "--no-webhook"], cwd=in_project, env=env, stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _wait_for_deployments(f"http://127.0.0.1:{port}/api", serve, log_path)
+            subprocess.run(["pkill", "-f", f"prefect server start.*--port {port}"], check=False)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not subprocess.run(["pgrep", "-f", f"prefect server start.*--port {port}"],
+                                                                     capture_output=True).returncode:
+                time.sleep(0.2)
+            time.sleep(1)
+            sent = time.monotonic()
+            os.kill(serve.pid, signal.SIGTERM)
+            serve.wait(30)
+            took = time.monotonic() - sent
+        finally:
+            if serve.poll() is None:
+                os.killpg(serve.pid, signal.SIGKILL)
+            subprocess.run(["pkill", "-f", f"prefect server start.*--port {port}"], check=False)
+    output = log_path.read_text()
+    assert took <= 12, (took, output[-3000:])
+    # a clean stop is fine too; one that had to give up says so
+    assert serve.returncode == 0 or ("not stopped cleanly" in output and "Prefect server down" in output), output[-3000:]

@@ -141,6 +141,31 @@ def test_1d_head_and_its_ensemble_export_to_one_onnx_graph_that_matches_torch(me
         assert len(model.members) == 3 and model.members[0].conv1[0].weight.shape[1] == 24
 
 
+@pytest.mark.parametrize("hop", [1, 3])
+def test_the_raw_channel_joins_the_scales_and_exports_to_a_matching_graph(hop: int) -> None:
+    _, matrix = random_bank(seed=8, n_filters=24)
+    args = ModelArgs(n_filters=24, kernel_size=matrix.shape[1], n_classes=4, signal_length=100, hop=hop, head="1d",
+                     members=2, channels=(8, 8, 16, 16), hidden=12, raw_channel=True)
+    model = _trained_like(HybridCWTNet(args, matrix), seed=hop)
+    signal = torch.randn(3, 1, 100) * 4 + 2
+    with torch.no_grad():
+        features = model.scalogram(signal)
+        steps = -(-100 // hop)
+        assert features.shape == (3, 25, steps)
+        standardised = (signal - signal.mean(-1, keepdim=True)) / signal.std(-1, unbiased=False, keepdim=True)
+        padded = torch.nn.functional.pad(standardised, (0, steps * hop - 100), value=float("nan"))
+        expected = padded.reshape(3, steps, hop).nanmean(-1)  # the mean of each hop, the last one partial
+        assert torch.allclose(features[:, 24], expected, atol=1e-5)
+    session = ort.InferenceSession(onnx_bytes(model, 100, 18, dynamic_length=False))
+    for batch in (1, 17):
+        signal = torch.randn(batch, 1, 100)
+        (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: signal.numpy()})
+        assert np.abs(logits - model(signal).detach().numpy()).max() < 1e-4
+    assert model.members[0].conv1[0].weight.shape[1] == 25 and head_flops(args)["conv1"] == 2 * 2 * steps * 25 * 8 * 7
+    with pytest.raises(Exception, match="raw channel"):
+        HybridCWTNet(ModelArgs(n_filters=16, kernel_size=matrix.shape[1], n_classes=3, signal_length=256, raw_channel=True), matrix)
+
+
 def test_1d_head_checkpoint_round_trip_and_old_checkpoints_stay_2d(tmp_path) -> None:
     _, matrix = random_bank(seed=7, n_filters=16)
     args = ModelArgs(n_filters=16, kernel_size=matrix.shape[1], n_classes=3, signal_length=40, hop=1, head="1d", members=2,
@@ -153,5 +178,5 @@ def test_1d_head_checkpoint_round_trip_and_old_checkpoints_stay_2d(tmp_path) -> 
     assert torch.allclose(rebuilt(signal), model(signal))
     flops = head_flops(args)
     assert flops["conv1"] == 2 * 2 * 40 * 16 * 4 * 7  # members x 2 x T x in x out x kernel
-    with pytest.raises(Exception, match="ensembles are built from the 1-D head"):
+    with pytest.raises(Exception, match="ensembles and the raw channel are built from the 1-D head"):
         HybridCWTNet(ModelArgs(n_filters=16, kernel_size=matrix.shape[1], n_classes=3, signal_length=256, members=2), matrix)
