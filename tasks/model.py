@@ -303,8 +303,9 @@ class HybridCWTNet(nn.Module):
         """Each ensemble member's logits (1-D head): what training fits, one loss per member."""
         scales = self.args.n_filters
         features = torch.log1p(scalogram[:, :scales])
-        if self.args.raw_channel:  # the signal channel is signed: no log
-            features = torch.cat([features, scalogram[:, scales:]], dim=1)
+        if self.args.raw_channel:  # the signal is signed: a signed log1p compresses its spikes, as for the magnitudes
+            raw = scalogram[:, scales:]
+            features = torch.cat([features, torch.sign(raw) * torch.log1p(raw.abs())], dim=1)
         return [member(features) for member in self.members]
 
     def training_head(self, scalogram: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
