@@ -87,7 +87,7 @@ class TrainConfig(Section):
     # augmentation, on the scalogram: a random shift in time of up to this share of its length
     shift: float = Field(0.1, ge=0, lt=0.5)
     mixup: float = Field(0.0, ge=0)  # Beta(a, a) mixing of pairs; 0: off
-    # memory: scalograms computed once and held; stream: batches read from the memory-mapped raw
+    # memory: scalograms computed once and held; stream: batches read from the raw
     # shards and transformed per batch (flat memory); auto: memory while they fit 1 GiB per process
     input: Literal["auto", "memory", "stream"] = "auto"
     max_steps: int | None = Field(None, ge=1)  # stop after this many optimizer steps in all; null: the schedule

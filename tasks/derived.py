@@ -44,7 +44,7 @@ VAL_FRACTION = 0.1
 # Training input. The front-end is frozen, so a small set's scalograms are computed once and kept in
 # memory (float32, S x T per signal: 115 KB at 112 filters x 256 steps, 14x the raw signal). Above
 # this many bytes of scalograms per process the epoch streams instead: batches read from the
-# memory-mapped raw shards and the front-end applied per batch (about 6% of a training step's
+# raw shards and the front-end applied per batch (about 6% of a training step's
 # arithmetic at the defaults), so memory stays flat in the number of signals (BENCHMARKS.md, scale).
 MEMORY_INPUT_BYTES = 1 << 30
 

@@ -7,7 +7,7 @@ validation macro-F1 (early stopping after `patience` epochs without a gain); wit
 training signal is used and the epoch with the lowest training loss is kept.
 The front-end is frozen, so for a set whose scalograms fit in memory they are computed once and
 the head trains from memory; a larger set streams (`train.input`): each batch is read from the
-memory-mapped raw shards and sent through the front-end, so memory stays flat in the number of
+raw shards (positioned reads) and sent through the front-end, so memory stays flat in the number of
 signals, and under torchrun each rank reads only its share of every batch.
 On CUDA: bf16/fp16 autocast, TF32, cudnn.benchmark, pinned host memory. On every device the head
 trains in channels_last layout (oneDNN's fast path on CPU: about 2x per step, same float32 maths).
@@ -86,7 +86,7 @@ class _BatchReads(torch.utils.data.Dataset):
 
 
 class StreamSplit:
-    """A split read per batch: raw signals from the memory-mapped shards, then the frozen
+    """A split read per batch: raw signals from the shards (`SignalReader`), then the frozen
     front-end. Memory holds one batch (a few batches with DataLoader workers), at any split size;
     under torchrun each rank reads only its share of every batch."""
 
