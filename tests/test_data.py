@@ -124,6 +124,18 @@ def test_cli_data_sample_writes_folders(tmp_path: Path) -> None:
     assert len(scan_raw(out)) == sum(SAMPLE_COUNTS.values())
 
 
+def test_cli_data_sample_writes_a_balanced_set_in_shards(tmp_path: Path) -> None:
+    out = tmp_path / "raw"
+    command = [str(BIN / "cwtops"), "data", "sample", "--out", str(out), "--signals", "2503", "--shard", "120", "--seed", "3"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    manifest = scan_raw(out)
+    assert manifest.label.value_counts().to_dict() == {"am": 501, "burst": 501, "chirp": 501, "fm": 500, "noise": 500}
+    shards = sorted((out / "am").iterdir())
+    assert [p.name for p in shards] == [f"part{i:03d}.npy" for i in range(5)]  # 4 x 120 + 21, in order
+    assert [len(np.load(p)) for p in shards] == [120, 120, 120, 120, 21]
+
+
 # ---------------------------------------------------------------- scan
 
 
