@@ -9,8 +9,10 @@ with explicit model control, and loads at start every model whose version folder
 the repository, so a restarted server serves what was published. The repository is a folder or
 `s3://bucket/prefix` (tasks/s3.py: endpoint and credentials from the environment, docs/s3.md).
 
-With `CWTOPS_TRITON_API_KEY` set, the model-repository API (load, unload, index) and the logging
-and trace APIs answer only requests that carry the header `cwtops-api-key: <key>`.
+The model-repository API (load, unload, index) and the logging and trace APIs are locked: they
+answer only requests that carry the header `cwtops-api-key: <key>`. The key is
+`CWTOPS_TRITON_API_KEY` when set; otherwise the first start writes a random one to
+`<state dir>/triton/api-key`, readable by its owner only, which this checkout's commands read.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import sys
@@ -100,11 +103,28 @@ def server_environment() -> dict[str, str]:
     return env
 
 
-def api_key() -> str | None:
-    """The model-repository API key from the environment, checked (never echoed)."""
+def key_file() -> Path:
+    return TRITON.folder / "api-key"
+
+
+def api_key(create: bool = False) -> str | None:
+    """The model-repository API key: the environment's, else this state directory's key file
+    (written with a random key, mode 0600, when `create` and absent); checked, never echoed."""
     key = os.environ.get(API_KEY_ENV)
     if not key:
-        return None
+        path = key_file()
+        if create and not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never readable by others
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(secrets.token_urlsafe(32) + "\n")
+        try:
+            key = path.read_text().strip()
+        except FileNotFoundError:
+            return None
+        if not _KEY_PATTERN.match(key):
+            raise CwtopsError(f"{path}: not a valid API key; delete it and restart Triton (`cwtops triton stop`, `cwtops triton start`)")
+        return key
     if not _KEY_PATTERN.match(key):
         raise CwtopsError(f"{API_KEY_ENV} must be 16-256 characters from A-Z a-z 0-9 . _ ~ + / - (Triton's flag syntax splits on ':', ',' and '=')")
     return key
@@ -163,10 +183,9 @@ def _command(params: Params, ports: dict[str, int], repository: str, models: lis
         "--exit-on-error=false", "--strict-readiness=false", "--exit-timeout-secs=15", "--log-verbose=0",
     ]
     command += [f"--load-model={name}" for name in models]
-    key = api_key()
-    if key:
-        command.append(f"--http-restricted-api={RESTRICTED_APIS}:{API_KEY_HEADER}={key}")
-        command.append(f"--grpc-restricted-protocol={RESTRICTED_APIS}:{API_KEY_HEADER}={key}")
+    key = api_key(create=True)  # locked by default: a key of this checkout's own when none is given
+    command.append(f"--http-restricted-api={RESTRICTED_APIS}:{API_KEY_HEADER}={key}")
+    command.append(f"--grpc-restricted-protocol={RESTRICTED_APIS}:{API_KEY_HEADER}={key}")
     return command
 
 

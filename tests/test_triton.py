@@ -552,21 +552,27 @@ def test_cli_publish_predict_and_status(published: Server, models: Models, tmp_p
 
 
 @slow
-def test_restart_serves_the_repository_and_the_api_key_guards_it(published: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_restart_serves_the_repository_and_the_api_key_guards_it_by_default(published: Server, monkeypatch: pytest.MonkeyPatch) -> None:
     from tasks.triton_publish import served_version
-    from tasks.triton_server import TRITON, start, status, stop
+    from tasks.triton_server import TRITON, key_file, start, status, stop
 
     serving = served_version(published.params, published.url)
     same = start(published.params)
     assert not same.started and same.pid == TRITON.pid()
+    # locked on a default start (no key in the environment): a key of this state directory's own
+    load = f"http://{published.url}/v2/repository/models/{MODEL}/load"
+    assert requests.post(load, timeout=30).status_code == 403
+    assert requests.post(f"http://{published.url}/v2/repository/index", timeout=30).status_code == 403
+    assert key_file().stat().st_mode & 0o777 == 0o600
+    assert requests.post(load, headers={"cwtops-api-key": key_file().read_text().strip()}, timeout=60).ok
     key = "test-key-0123456789abcdef"
     monkeypatch.setenv("CWTOPS_TRITON_API_KEY", key)
     assert stop(published.params)
     restarted = start(published.params, wait=120)
     assert restarted.started and restarted.url == published.url
     assert served_version(published.params, published.url) == serving  # loaded from the repository at start
-    load = f"http://{published.url}/v2/repository/models/{MODEL}/load"
     assert requests.post(load, timeout=30).status_code == 403
+    assert requests.post(load, headers={"cwtops-api-key": key_file().read_text().strip()}, timeout=30).status_code == 403
     assert requests.post(load, headers={"cwtops-api-key": key}, timeout=60).ok
     assert key not in Path(restarted.log).read_text()
     assert status(published.params)["models"][MODEL] == f"READY versions [{serving}]"
