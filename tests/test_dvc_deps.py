@@ -34,3 +34,27 @@ def test_stage_lists_every_module_it_imports(stage: str) -> None:
     listed = {dep for dep in STAGES[stage]["deps"] if dep.startswith("tasks/")}
     assert needed - listed == set(), f"dvc.yaml stage {stage} misses code it imports"
     assert listed - needed == set(), f"dvc.yaml stage {stage} lists code it does not import"
+
+
+@pytest.mark.slow
+def test_editing_a_module_marks_exactly_the_stages_that_import_it(built_project: Path, services_env: dict) -> None:
+    """What the import-derived deps buy: `dvc status` reports the stages whose code changed, and only those."""
+    import json
+
+    from tests.conftest import BIN, run
+
+    module = "tasks/derived.py"
+    importers = {stage for stage, spec in STAGES.items() if module in spec["deps"]}
+    assert importers and importers != set(STAGES)
+    path = built_project / module
+    original = path.read_bytes()
+    before = run([str(BIN / "dvc"), "status", "--json"], built_project, services_env).stdout
+    try:
+        path.write_bytes(original + b"\n# an edit\n")
+        status = json.loads(run([str(BIN / "dvc"), "status", "--json"], built_project, services_env).stdout)
+        changed = {stage for stage, entries in status.items()
+                   if any(module in entry.get("changed deps", {}) for entry in entries if isinstance(entry, dict))}
+        assert changed == importers, status
+    finally:
+        path.write_bytes(original)
+    assert json.loads(run([str(BIN / "dvc"), "status", "--json"], built_project, services_env).stdout) == json.loads(before)
