@@ -4,14 +4,16 @@ rank reading only its share, damaged shards refused before anything is written."
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
 
-from tasks import balance, parse, train
+from tasks import balance, derived, parse, train
 from tasks.config import params_from_dict
 from tasks.data import DataError, SignalReader, equal_counts, read_manifest, write_sample_dataset
 from tasks.distributed import World
@@ -77,13 +79,13 @@ def test_stream_stage_writes_what_the_memory_stage_writes(small_stage_params) ->
     memory_params = small_stage_params(input="memory")
     train.run(memory_params)
     paths = train.artifact_paths(memory_params)
-    remembered = train.pd.read_csv(paths.history)
-    summary = train.json.loads(paths.train_summary.read_text())
+    remembered = pd.read_csv(paths.history)
+    summary = json.loads(paths.train_summary.read_text())
     assert summary["settings"]["input"] == "memory"
     stream_params = small_stage_params(input="stream")
     train.run(stream_params)
-    streamed = train.pd.read_csv(paths.history)
-    assert train.json.loads(paths.train_summary.read_text())["settings"]["input"] == "stream"
+    streamed = pd.read_csv(paths.history)
+    assert json.loads(paths.train_summary.read_text())["settings"]["input"] == "stream"
     for column in ("train_loss", "val_loss", "val_macro_f1", "val_accuracy"):
         assert streamed[column].to_numpy() == pytest.approx(remembered[column].to_numpy(), rel=1e-4, abs=1e-5), column
 
@@ -94,25 +96,19 @@ def test_auto_input_streams_only_what_does_not_fit(small_stage_params, monkeypat
     manifest = read_manifest(paths.split_manifest)
     n = int(manifest.split.isin(["train", "val"]).sum())
     bytes_needed = n * 112 * LENGTH * 4  # 112 filters, hop 1 (auto at 256 samples)
-    monkeypatch.setattr(train_settings_module(), "MEMORY_INPUT_BYTES", bytes_needed)
+    monkeypatch.setattr(derived, "MEMORY_INPUT_BYTES", bytes_needed)
     settings = train.resolve_settings(params, manifest, LENGTH, (112, 129), 5)
     assert (settings.input, "train.input" in settings.derived) == ("memory", True)
-    monkeypatch.setattr(train_settings_module(), "MEMORY_INPUT_BYTES", bytes_needed - 1)
+    monkeypatch.setattr(derived, "MEMORY_INPUT_BYTES", bytes_needed - 1)
     assert train.resolve_settings(params, manifest, LENGTH, (112, 129), 5).input == "stream"
     explicit = small_stage_params(input="memory")
     assert train.resolve_settings(explicit, manifest, LENGTH, (112, 129), 5).input == "memory"
 
 
-def train_settings_module():
-    from tasks import derived
-
-    return derived
-
-
 def test_max_steps_caps_the_run(small_stage_params) -> None:
     params = small_stage_params(epochs=5, patience=5, max_steps=3, input="stream")
     result = train.run(params)
-    summary = train.json.loads(train.artifact_paths(params).train_summary.read_text())
+    summary = json.loads(train.artifact_paths(params).train_summary.read_text())
     assert result.epochs_run == 1 and summary["settings"]["max_steps"] == 3
 
 
