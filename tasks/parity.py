@@ -1,8 +1,9 @@
 """Stage `parity`: PyTorch against ONNX Runtime, on the real test signals and on random ones.
 
 Every case (test signals and random signals at each batch size) reports the max absolute and
-relative logit error and the argmax agreement. Beyond `parity.atol`/`parity.rtol`, or with any
-argmax disagreement on real signals, the stage fails with the report saying where. The reference
+relative logit error and the argmax agreement. A logit passes when its error is within
+`atol + rtol * |reference|` (numpy's `allclose`, torch.testing's `assert_close`); with any logit
+beyond that, or any argmax disagreement on real signals, the stage fails with the report saying where. The reference
 inputs and outputs are saved: the registry and the served model are checked against them later.
 """
 
@@ -46,6 +47,9 @@ def compare(
     """
     abs_error = np.abs(candidate.astype(np.float64) - reference)
     rel_error = abs_error / np.maximum(np.abs(reference), 1.0)  # relative where logits are large
+    # float32 rounding grows with the logits' size: an error is judged against atol + rtol * |x|,
+    # not against each bound alone (a logit of 2.5 may be 1e-4 off and still be 4e-5 relative).
+    within = bool(np.all(abs_error <= cfg.atol + cfg.rtol * np.abs(reference)))
     agreement = float(np.mean(candidate.argmax(1) == reference.argmax(1))) if len(reference) else 1.0
     max_abs = float(abs_error.max(initial=0.0))
     max_rel = float(rel_error.max(initial=0.0))
@@ -53,7 +57,7 @@ def compare(
         "max_abs_error": max_abs,
         "max_rel_error": max_rel,
         "argmax_agreement": agreement,
-        "passed": bool(max_abs <= cfg.atol and max_rel <= cfg.rtol and (agreement == 1.0 or not require_argmax)),
+        "passed": within and (agreement == 1.0 or not require_argmax),
     }
 
 
@@ -119,8 +123,8 @@ def run(params: Params) -> ParityResult:
 def _report(cases: list[dict], cfg: ParityConfig, onnx_sha: str, bank_mismatch: str) -> dict:
     failed = [case for case in cases if not case["passed"]]
     reasons = [
-        f"{case['name']}: max abs {case['max_abs_error']:.3g} (atol {cfg.atol}), max rel "
-        f"{case['max_rel_error']:.3g} (rtol {cfg.rtol}), argmax agreement {case['argmax_agreement']:.4f}"
+        f"{case['name']}: max abs {case['max_abs_error']:.3g}, max rel {case['max_rel_error']:.3g} "
+        f"(allowed: {cfg.atol} + {cfg.rtol} * |logit|), argmax agreement {case['argmax_agreement']:.4f}"
         for case in failed
     ]
     if bank_mismatch:

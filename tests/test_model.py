@@ -180,3 +180,22 @@ def test_1d_head_checkpoint_round_trip_and_old_checkpoints_stay_2d(tmp_path) -> 
     assert flops["conv1"] == 2 * 2 * 40 * 16 * 4 * 7  # members x 2 x T x in x out x kernel
     with pytest.raises(Exception, match="ensembles and the raw channel are built from the 1-D head"):
         HybridCWTNet(ModelArgs(n_filters=16, kernel_size=matrix.shape[1], n_classes=3, signal_length=256, members=2), matrix)
+
+
+def test_parity_judges_each_logit_against_atol_plus_rtol_times_its_size() -> None:
+    from tasks.config import ParityConfig
+    from tasks.parity import compare
+
+    cfg = ParityConfig(atol=1e-4, rtol=1e-3)
+    reference = np.array([[2.5, -1.0], [0.01, 0.0]])
+    # 1.07e-4 off a logit of 2.5 is float32 rounding (4e-5 relative): within 1e-4 + 1e-3 * 2.5
+    assert compare(reference, reference + np.array([[1.07e-4, 0.0], [0.0, 0.0]]), cfg)["passed"]
+    # the same error on a logit near zero is beyond 1e-4 + 1e-3 * 0.01
+    assert not compare(reference, reference + np.array([[0.0, 0.0], [1.5e-4, 0.0]]), cfg)["passed"]
+    # a large logit 1% off fails on its relative size
+    assert not compare(reference, reference * np.array([[1.01, 1.0], [1.0, 1.0]]), cfg)["passed"]
+    # within tolerance, but the argmax flips on a real signal: fails; on a random one it passes
+    tie = np.array([[1.0, 1.00005]])
+    flipped = np.array([[1.00006, 1.00005]])
+    assert not compare(tie, flipped, cfg)["passed"]
+    assert compare(tie, flipped, cfg, require_argmax=False)["passed"]
