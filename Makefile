@@ -5,7 +5,12 @@ BIN     := $(VENV)/bin
 TRITON  ?= .triton
 PYTRITON_VERSION ?= 0.7.0
 
-.PHONY: setup perf-analyzer run test test-fast bench clean
+.PHONY: setup perf-analyzer system-packages run test test-fast bench clean
+
+# Debian packages the tests need: PostgreSQL (throwaway clusters under the MLflow registry tests)
+# and Chromium with its driver (the promotion test in a real browser). Installed when run as root;
+# otherwise the command that installs them is printed and the target fails.
+DEBIAN_TEST_PACKAGES ?= postgresql chromium chromium-driver
 
 $(BIN)/cwtops: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,10 +31,13 @@ setup: $(BIN)/cwtops $(TRITON)/.installed
 perf-analyzer: setup
 	$(BIN)/python -m bench.perf_analyzer install
 
+system-packages: setup
+	$(BIN)/python -m tasks.debian $(DEBIAN_TEST_PACKAGES)
+
 run: setup
 	$(BIN)/cwtops run
 
-test: setup perf-analyzer
+test: setup perf-analyzer system-packages
 	$(BIN)/pytest -q
 
 test-fast: setup

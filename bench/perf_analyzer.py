@@ -80,14 +80,9 @@ def _pip(*args: str) -> None:
 def _install_libb64() -> None:
     if ctypes.util.find_library("b64") == LIBB64:
         return
-    apt = shutil.which("apt-get")
-    if apt is None or os.geteuid() != 0:
-        raise CwtopsError(f"perf_analyzer needs {LIBB64}: install Debian's `{DEBIAN_LIBB64}` as root "
-                          f"(apt-get install {DEBIAN_LIBB64}), then run `make perf-analyzer` again")
-    quiet = {"stdout": subprocess.DEVNULL, "env": {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}}
-    if subprocess.run([apt, "install", "-y", "-q", DEBIAN_LIBB64], **quiet).returncode != 0:
-        subprocess.run([apt, "update", "-q"], check=True, **quiet)  # a fresh machine has no package lists yet
-        subprocess.run([apt, "install", "-y", "-q", DEBIAN_LIBB64], check=True, **quiet)
+    from tasks.debian import ensure
+
+    ensure([DEBIAN_LIBB64], f"perf_analyzer ({LIBB64})")
 
 
 def install() -> Path:

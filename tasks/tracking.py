@@ -2,7 +2,11 @@
 
 `MLFLOW_TRACKING_URI` wins (a team server works unchanged); otherwise the local server on
 `mlflow.host:mlflow.port` (127.0.0.1:5000 by default). The local server is a real
-`mlflow server`: SQLite store (`mlflow.backend_store`, relative paths from the project root),
+`mlflow server`: its store is `mlflow.backend_store`, SQLite by default (relative paths from the
+project root) or a database URI such as `postgresql://user@host:5432/mlflow` for a team (the
+password from `PGPASSWORD` or `~/.pgpass`, or the whole URI from `MLFLOW_BACKEND_STORE_URI`: the
+URI reaches the server through its environment, never its command line, and is recorded and
+printed with the password masked),
 artifacts proxied by the server from `mlflow.artifacts_destination` (a folder, or an `s3://`
 URI with the endpoint in `AWS_ENDPOINT_URL_S3` or `MLFLOW_S3_ENDPOINT_URL` and AWS credentials in the
 environment for MinIO or moto; docs/s3.md).
@@ -63,6 +67,51 @@ def backend_store_uri(params: Params) -> str:
     return uri
 
 
+def masked(uri: str) -> str:
+    """`uri` with any password replaced by `***` (for logs, status and error messages)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    if uri.startswith("sqlite:"):
+        return uri
+    try:
+        return make_url(uri).render_as_string(hide_password=True)
+    except ArgumentError:
+        return uri.split("@")[-1] if "@" in uri else uri
+
+
+def check_database(uri: str, timeout: int = 10) -> None:
+    """A database store (not SQLite) is reachable with its driver, or a clear error naming what to do.
+
+    Without this the server starts, then dies on its first migration with a long traceback in its log.
+    """
+    if uri.startswith("sqlite:") or "://" not in uri or uri.startswith("file:"):
+        return
+    import sqlalchemy
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+
+    shown = masked(uri)
+    try:
+        engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": timeout} if uri.startswith("postgresql") else {})
+    except (ArgumentError, NoSuchModuleError) as error:
+        raise CwtopsError(f"mlflow.backend_store {shown!r} is not a database URI this environment can open ({error}); "
+                          "PostgreSQL needs `postgresql://user@host:port/database` and psycopg2 (a project dependency)") from error
+    except ImportError as error:
+        raise CwtopsError(f"the driver for {shown} is not installed ({error}); reinstall the project (make setup)") from error
+    try:
+        with engine.connect():
+            pass
+    except OperationalError as error:
+        reason = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
+        raise CwtopsError(
+            f"cannot reach the MLflow database {shown}: {reason}. Start the database, create the database named "
+            "in the URI, and give the password in PGPASSWORD or ~/.pgpass (or the whole URI in "
+            "MLFLOW_BACKEND_STORE_URI), or set mlflow.backend_store back to sqlite:///mlflow/mlflow.db"
+        ) from error
+    finally:
+        engine.dispose()
+
+
 def artifacts_destination(params: Params) -> str:
     """Where the server keeps artifacts: an absolute folder, or a URI such as `s3://bucket/prefix`."""
     destination = os.environ.get("MLFLOW_ARTIFACTS_DESTINATION") or params.mlflow.artifacts_destination
@@ -90,6 +139,7 @@ def server_env(params: Params) -> dict[str, str]:
     for key, value in SERVER_ENV_DEFAULTS.items():
         env.setdefault(key, value)
     env.setdefault("MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY", _encryption_key(params))
+    env["MLFLOW_BACKEND_STORE_URI"] = backend_store_uri(params)  # not in argv: `ps` would show a password
     if artifacts_destination(params).startswith("s3://"):
         from tasks.s3 import endpoint_url
 
@@ -104,7 +154,6 @@ def server_command(params: Params, port: int) -> list[str]:
     return [
         sys.executable, "-m", "mlflow", "server",
         "--host", params.mlflow.host, "--port", str(port),
-        "--backend-store-uri", backend_store_uri(params),
         "--artifacts-destination", artifacts_destination(params),
         "--serve-artifacts", "--workers", "1",
     ]
@@ -139,6 +188,7 @@ def _prepare_storage(params: Params) -> None:
     store = backend_store_uri(params)
     if store.startswith("sqlite:///"):
         Path(store.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    check_database(store)
     destination = artifacts_destination(params)
     if "://" not in destination:
         Path(destination).mkdir(parents=True, exist_ok=True)
@@ -188,7 +238,7 @@ def _launch(params: Params, port: int, uri: str) -> int:
         )
     _prepare_storage(params)
     pid = MLFLOW.launch(server_command(params, port), server_env(params))
-    write_json(_info_file(), {"uri": uri, "pid": pid, "backend_store": backend_store_uri(params),
+    write_json(_info_file(), {"uri": uri, "pid": pid, "backend_store": masked(backend_store_uri(params)),
                               "artifacts_destination": artifacts_destination(params)})
     return pid
 
@@ -234,7 +284,7 @@ def status(params: Params) -> dict:
         "uri": uri,
         "healthy": http_ok(f"{uri}/health") if uri.startswith("http") else None,
         "pid": _server_pid(),
-        "backend_store": info.get("backend_store", backend_store_uri(params)),
+        "backend_store": info.get("backend_store", masked(backend_store_uri(params))),
         "artifacts_destination": info.get("artifacts_destination", artifacts_destination(params)),
         "log": str(MLFLOW.log_file),
     }

@@ -21,6 +21,8 @@ import pytest
 import torch
 import yaml
 
+from tests.postgres import Cluster, throwaway_cluster
+
 CLASSES = ("alpha", "beta", "gamma")
 SIGNAL_LENGTH = 256
 PER_CLASS = 12  # rows 0-5 train, 6-8 val, 9-11 test
@@ -48,13 +50,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def params_dict(mlflow_port: int, store: Path, epochs: int = EPOCHS) -> dict:
-    """params.yaml for the fabricated project: defaults, small model, an isolated MLflow store."""
+def params_dict(mlflow_port: int, store: Path, epochs: int = EPOCHS, backend: str | None = None) -> dict:
+    """params.yaml for the fabricated project: defaults, small model, an isolated MLflow store
+    (SQLite in `store`, or the database URI `backend`)."""
     return {
         "base": {"model_name": "cwtops-test", "raw_dir": "data/raw", "weights": "my.txt", "artifacts_dir": "artifacts"},
         "train": {"epochs": epochs, "channels": [2, 2, 2, 2], "hidden": 4},
         "mlflow": {"port": mlflow_port, "experiment": "cwtops-test",
-                   "backend_store": f"sqlite:///{store / 'mlflow.db'}", "artifacts_destination": str(store / "artifacts")},
+                   "backend_store": backend or f"sqlite:///{store / 'mlflow.db'}", "artifacts_destination": str(store / "artifacts")},
     }
 
 
@@ -145,11 +148,11 @@ def _git_commit(root: Path) -> str:
     return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
 
 
-def fabricate_project(root: Path, mlflow_port: int, store: Path, shape: TreeShape = TreeShape()) -> str:
+def fabricate_project(root: Path, mlflow_port: int, store: Path, shape: TreeShape = TreeShape(), backend: str | None = None) -> str:
     """Write params.yaml, data, .dvc files and every artifact up to parity under `root`; returns the commit."""
     from tasks.io import sha256_file
 
-    params = params_dict(mlflow_port, store, shape.epochs)
+    params = params_dict(mlflow_port, store, shape.epochs, backend)
     root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     artifacts = root / "artifacts"
@@ -176,22 +179,43 @@ class MlflowTestServer:
     port: int
     store: Path
     state: Path
+    backend: str  # the store's URI: SQLite, or PostgreSQL in a throwaway cluster
+    cluster: Cluster | None = None
 
 
 @pytest.fixture(scope="session")
-def mlflow_test_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowTestServer]:
-    """A real `mlflow server` on a free 127.0.0.1 port, SQLite and artifacts in a tmp dir."""
+def postgres_cluster() -> Iterator[Cluster]:
+    """One throwaway PostgreSQL cluster for the session (127.0.0.1, a free port, password auth)."""
+    try:
+        context = throwaway_cluster()
+        cluster = context.__enter__()
+    except RuntimeError as error:
+        pytest.fail(str(error))  # not a skip: the PostgreSQL checks are part of the suite
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("PGPASSWORD", cluster.password)  # what libpq (psycopg2) reads; MLflow's server inherits it
+            yield cluster
+    finally:
+        context.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def mlflow_test_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowTestServer]:
+    """A real `mlflow server` on a free 127.0.0.1 port, artifacts in a tmp dir, its store SQLite or
+    PostgreSQL: every test that uses it runs on both."""
     from tasks.config import params_from_dict
     from tasks.tracking import start, stop
 
     port, store, state = free_port(), tmp_path_factory.mktemp("mlflow-store"), tmp_path_factory.mktemp("state")
-    params = params_from_dict(params_dict(port, store))
+    cluster = request.getfixturevalue("postgres_cluster") if request.param == "postgresql" else None
+    backend = cluster.create_database(f"mlflow_{port}") if cluster else f"sqlite:///{store / 'mlflow.db'}"
+    params = params_from_dict(params_dict(port, store, backend=backend))
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CWTOPS_STATE_DIR", str(state))
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         info = start(params, wait=180)
         try:
-            yield MlflowTestServer(info["uri"], port, store, state)
+            yield MlflowTestServer(info["uri"], port, store, state, backend, cluster)
         finally:
             stop(params)
 
@@ -207,7 +231,7 @@ class FabricatedProject:
 def fabricated_tree(tmp_path_factory: pytest.TempPathFactory, mlflow_test_server: MlflowTestServer) -> FabricatedProject:
     """One fabricated project per test module, wired to the session's server."""
     root = tmp_path_factory.mktemp("project")
-    commit = fabricate_project(root, mlflow_test_server.port, mlflow_test_server.store)
+    commit = fabricate_project(root, mlflow_test_server.port, mlflow_test_server.store, backend=mlflow_test_server.backend)
     return FabricatedProject(root, commit, mlflow_test_server.uri)
 
 

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import requests
 import torch
+import yaml
 
 from tasks.errors import CwtopsError
 from tasks.io import sha256_file
@@ -30,6 +31,7 @@ from tests.mlflow_fixtures import (  # noqa: F401 - fixtures
     free_port,
     in_fabricated,
     mlflow_test_server,
+    postgres_cluster,
 )
 
 # ---------------------------------------------------------------- pure helpers (no server)
@@ -392,6 +394,45 @@ def test_server_delivers_alias_webhooks_to_a_receiver_on_127_0_0_1(registered: d
     headers, body = received[0]
     assert json.loads(body)["data"]["alias"] == "candidate"
     assert any(key.lower() == "x-mlflow-signature" for key in headers)
+
+
+@pytest.mark.slow
+def test_rollout_serves_the_production_alias_and_follows_it(registered: dict, in_fabricated: FabricatedProject,
+                                                           mlflow_test_server: MlflowTestServer, tmp_path: Path) -> None:
+    """The reconciler against a real Triton, with the registry on this backend (SQLite or PostgreSQL)."""
+    from tasks import registry, track, triton_server
+    from tasks.config import params_from_dict
+    from tasks.rollout import reconcile
+    from tasks.triton_publish import served_version
+
+    settings = yaml.safe_load((in_fabricated.root / "params.yaml").read_text())
+    settings["triton"] = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port(),
+                          "model_repository": str(tmp_path / "model_repository")}
+    params = params_from_dict(settings)
+    first = registered["register"].version
+    track.run(params)
+    second = registry.register(params).version
+    triton_server.start(params, wait=120)
+    try:
+        registry.promote(params, first)
+        assert reconcile(params).action == "rolled_out" and served_version(params) == first
+        registry.promote(params, second)
+        outcome = reconcile(params)
+        assert (outcome.action, outcome.served, served_version(params)) == ("rolled_out", second, second)
+        assert reconcile(params).action == "noop"
+    finally:
+        triton_server.stop(params)
+    client = _client(in_fabricated.uri)
+    tags = {v: client.get_model_version(params.base.model_name, str(v)).tags.get("deployment_status") for v in (first, second)}
+    assert tags == {first: "retired", second: "serving"}
+    if mlflow_test_server.cluster is not None:  # the registry really lives in PostgreSQL
+        import psycopg2
+
+        with psycopg2.connect(mlflow_test_server.backend,
+                              password=mlflow_test_server.cluster.password) as connection, connection.cursor() as cursor:
+            cursor.execute("SELECT version FROM model_version_tags WHERE name = %s AND key = 'deployment_status' AND value = 'serving'",
+                           (params.base.model_name,))
+            assert [int(row[0]) for row in cursor.fetchall()] == [second]
 
 
 # ---------------------------------------------------------------- the server itself
