@@ -7,7 +7,9 @@ Two ways, one result in `dvc.lock` and the DVC cache:
   from its run cache when these inputs were seen before, and otherwise the stage function runs in
   this (already warm) process; DVC then saves and commits the outputs and writes the lock entry,
   the steps `dvc repro` takes after the command. It saves the 3-10 s of imports a fresh Python
-  process pays per stage.
+  process pays per stage. Unlike `dvc repro`, it does not delete the stage's outputs first: each
+  stage writes its files atomically at the end, so a run that fails or is killed (a worker lost
+  mid-run) leaves the last good outputs in place, still matching `dvc.lock`.
 """
 
 from __future__ import annotations
@@ -75,11 +77,13 @@ def _reproduce_in_process(repo: object, name: str, root: Path) -> tuple[str, flo
         if not stage.changed():
             return "skipped", 0.0
         tick = time.perf_counter()
-        stage.remove_outs(ignore_remove=False, force=False)
         try:
             repo.stage_cache.restore(stage)  # these exact inputs ran before: check the outputs out
             how = "restored"
         except RunCacheNotFoundError:
+            # The old outputs stay until the stage replaces them (atomic renames). Unprotected first:
+            # a file linked from the DVC cache must never be written through.
+            stage.unprotect_outs()
             stage.save_deps()
             print(f"Running stage '{name}' in process", flush=True)
             run_stage(name, load_params(root / "params.yaml"))
