@@ -78,7 +78,7 @@ def _reproduce_in_process(repo: object, name: str, root: Path) -> tuple[str, flo
             return "skipped", 0.0
         tick = time.perf_counter()
         try:
-            repo.stage_cache.restore(stage)  # these exact inputs ran before: check the outputs out
+            stage = _restore(repo, stage, name)  # these exact inputs ran before: check the outputs out
             how = "restored"
         except RunCacheNotFoundError:
             # The old outputs stay until the stage replaces them (atomic renames). Unprotected first:
@@ -93,6 +93,27 @@ def _reproduce_in_process(repo: object, name: str, root: Path) -> tuple[str, flo
         stage.commit()  # outs into the DVC cache
         stage.dump(update_pipeline=False)  # the dvc.lock entry
     return how, seconds
+
+
+def _restore(repo: object, stage: object, name: str) -> object:
+    """DVC's run-cache restore; raises RunCacheNotFoundError, touching nothing, when these inputs never ran.
+
+    The checkout replaces outputs the DVC cache holds; one it does not hold (written outside DVC)
+    makes it ask for confirmation, so the outputs are removed and the restore repeated (the cache
+    has what it checks out) on a freshly loaded stage: the first attempt already recorded the new
+    dependency hashes on its stage object, which would make DVC take the lock file's outputs for
+    the run cache's. Returns the stage to save and commit.
+    """
+    from dvc.exceptions import ConfirmRemoveError
+
+    try:
+        repo.stage_cache.restore(stage)
+        return stage
+    except ConfirmRemoveError:
+        stage.remove_outs(ignore_remove=False, force=False)
+        fresh = _pipeline_stage(repo, name)
+        repo.stage_cache.restore(fresh)
+        return fresh
 
 
 def _pipeline_stage(repo: object, name: str) -> object:

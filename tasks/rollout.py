@@ -69,9 +69,12 @@ def _now() -> str:
 
 def desired_version(params: Params) -> int | None:
     from tasks.registry import resolve_version
+    from tasks.tracking import TrackingUnreachable
 
     try:
         return resolve_version(params, None)
+    except TrackingUnreachable:
+        raise  # not "nothing registered": the pass fails, and the next one tries again
     except CwtopsError:
         return None  # nothing registered yet
 

@@ -24,29 +24,74 @@ def _status(params, version: int) -> str | None:
     return next((e.get("deployment_status") for e in list_versions(params) if int(e["version"]) == version), None)
 
 
-def test_triton_killed_during_rollout_then_restarted_converges(in_project: Path, params, triton_server: str,
-                                                                  services_env: dict) -> None:
+def test_triton_killed_during_rollout_under_load_then_restarted_converges(in_project: Path, params, triton_server: str,
+                                                                         services_env: dict) -> None:
+    """20+ requests/s throughout: no answered request is wrong, and serving resumes within 30 s
+    of Triton's restart; the interrupted rollout completes on the next pass."""
+    import numpy as np
+
     from tasks.registry import promote
     from tasks.rollout import reconcile
+    from tasks.triton_client import connect, infer
     from tasks.triton_server import TRITON
 
+    reference = np.load(in_project / "artifacts/parity/reference.npz")
+    signals, expected = reference["inputs"][:4], reference["outputs"][:4]  # every version here is this export
     reconcile(params)  # converged start
     newer = new_version(params)
     promote(params, newer)
-    outcome: list = []
-    worker = threading.Thread(target=lambda: outcome.append(reconcile(params)))
-    worker.start()
-    deadline = time.monotonic() + 60
-    while _status(params, newer) != "rolling_out":  # the rollout has begun
-        assert time.monotonic() < deadline, "the rollout never started"
-        time.sleep(0.05)
-    os.kill(TRITON.pid(), signal.SIGKILL)
-    worker.join(120)
-    assert outcome and outcome[0].action == "interrupted", outcome
-    assert _status(params, newer) == "interrupted"  # recorded, and not a verdict on the version
-    run([str(BIN / "cwtops"), "triton", "start"], in_project, services_env, timeout=180)
-    again = reconcile(params)  # what the next scheduled pass does
-    assert (again.action, again.served) == ("rolled_out", newer)
+    answered: list[float] = []
+    wrong: list[str] = []
+    sent = [0]
+    stop = threading.Event()
+
+    def steady_load(offset: int) -> None:
+        client = None
+        while not stop.is_set():
+            index = (offset + sent[0]) % len(signals)
+            sent[0] += 1
+            try:
+                client = client or connect(triton_server)
+                logits = infer(triton_server, params.base.model_name, signals[index:index + 1], client=client)
+            except Exception:  # noqa: BLE001 - refused while Triton is down: allowed, never a wrong answer
+                client = None
+            else:
+                answered.append(time.monotonic())
+                if not np.allclose(logits[0], expected[index], atol=params.parity.atol, rtol=params.parity.rtol):
+                    wrong.append(f"signal {index}: {logits[0]} != {expected[index]}")
+            time.sleep(0.05)
+
+    workers = [threading.Thread(target=steady_load, args=(i,)) for i in range(8)]
+    started = time.monotonic()
+    for worker in workers:
+        worker.start()
+    try:
+        outcome: list = []
+        rollout = threading.Thread(target=lambda: outcome.append(reconcile(params)))
+        rollout.start()
+        deadline = time.monotonic() + 60
+        while _status(params, newer) != "rolling_out":  # the rollout has begun
+            assert time.monotonic() < deadline, "the rollout never started"
+            time.sleep(0.05)
+        os.kill(TRITON.pid(), signal.SIGKILL)
+        rollout.join(120)
+        assert outcome and outcome[0].action == "interrupted", outcome
+        assert _status(params, newer) == "interrupted"  # recorded, and not a verdict on the version
+        restarting = time.monotonic()
+        run([str(BIN / "cwtops"), "triton", "start"], in_project, services_env, timeout=180)
+        while not [t for t in answered if t > restarting]:
+            assert time.monotonic() - restarting < 30, "serving did not resume within 30 s of the restart"
+            time.sleep(0.1)
+        resumed = min(t for t in answered if t > restarting) - restarting
+        again = reconcile(params)  # what the next scheduled pass does
+        assert (again.action, again.served) == ("rolled_out", newer)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
+    rate = sent[0] / (time.monotonic() - started)
+    assert not wrong, wrong[:3]
+    assert resumed <= 30 and rate >= 20, (resumed, rate)
     assert _status(params, newer) == "serving"
     assert reconcile(params).action == "noop"
 
@@ -126,12 +171,25 @@ def _wait_for_deployments(api: str, serve: subprocess.Popen, log: Path, timeout:
     raise AssertionError(f"`cwtops serve` did not register its deployments:\n{log.read_text()[-3000:]}")
 
 
-def test_serve_stops_within_10_seconds_of_sigterm_with_the_prefect_server_gone(in_project: Path, mlflow_server: str,
-                                                                               triton_server: str, services_env: dict,
-                                                                               tmp_path: Path) -> None:
+def _reconcile_runs(api: str) -> list[dict]:
+    found = requests.post(f"{api}/flow_runs/filter", json={"flows": {"name": {"any_": ["cwtops-rollout"]}}}, timeout=10)
+    found.raise_for_status()
+    return found.json()
+
+
+@pytest.mark.parametrize("down", ["prefect", "mlflow", "triton"])
+def test_serve_stops_within_10_seconds_of_sigterm_with_a_service_gone(down: str, in_project: Path, params, mlflow_server: str,
+                                                                       triton_server: str, services_env: dict,
+                                                                       tmp_path: Path) -> None:
     """Prefect's graceful stop pauses schedules through the API; with the server gone that waits
-    for minutes. `cwtops serve` exits within 10 s anyway and says what it could not clean up."""
+    for minutes. `cwtops serve` exits within 10 s anyway and says what it could not clean up. With
+    MLflow gone, the scheduled reconcile fails, serving goes on with the version it has, and
+    SIGTERM still ends `cwtops serve` in time; the same with Triton gone."""
+    from tasks.registry import promote
+    from tasks.triton_publish import served_version
+
     port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
     env = {**services_env, "CWTOPS_PREFECT_PORT": str(port), "PREFECT_HOME": str(tmp_path / "prefect")}
     env.pop("PREFECT_API_URL", None)
     log_path = tmp_path / "serve.log"
@@ -139,13 +197,28 @@ def test_serve_stops_within_10_seconds_of_sigterm_with_the_prefect_server_gone(i
         serve = subprocess.Popen([str(BIN / "cwtops"), "serve", "--no-webhook"], cwd=in_project, env=env, stdout=log,
                                  stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            _wait_for_deployments(f"http://127.0.0.1:{port}/api", serve, log_path)
-            subprocess.run(["pkill", "-f", f"prefect server start.*--port {port}"], check=False)
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and not subprocess.run(["pgrep", "-f", f"prefect server start.*--port {port}"],
-                                                                     capture_output=True).returncode:
-                time.sleep(0.2)
-            time.sleep(1)
+            _wait_for_deployments(api, serve, log_path)
+            if down == "prefect":
+                subprocess.run(["pkill", "-f", f"prefect server start.*--port {port}"], check=False)
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline and not subprocess.run(["pgrep", "-f", f"prefect server start.*--port {port}"],
+                                                                         capture_output=True).returncode:
+                    time.sleep(0.2)
+                time.sleep(1)
+            elif down == "mlflow":
+                serving = served_version(params)
+                promote(params, new_version(params))  # the next scheduled pass would roll it out...
+                run([str(BIN / "cwtops"), "mlflow", "stop"], in_project, services_env)  # ...but cannot reach MLflow
+                seen = {r["id"] for r in _reconcile_runs(api)}
+                deadline = time.monotonic() + 150
+                while not [r for r in _reconcile_runs(api) if r["id"] not in seen and r["state_type"] in {"FAILED", "CRASHED"}]:
+                    assert time.monotonic() < deadline, f"no reconcile pass failed with MLflow gone:\n{log_path.read_text()[-3000:]}"
+                    assert serve.poll() is None, log_path.read_text()[-3000:]
+                    time.sleep(2)
+                assert serve.poll() is None  # a failed pass is not the end of serving
+                assert served_version(params) == serving  # Triton goes on with the version it has
+            else:
+                run([str(BIN / "cwtops"), "triton", "stop"], in_project, services_env)
             sent = time.monotonic()
             os.kill(serve.pid, signal.SIGTERM)
             serve.wait(30)
@@ -154,6 +227,8 @@ def test_serve_stops_within_10_seconds_of_sigterm_with_the_prefect_server_gone(i
             if serve.poll() is None:
                 os.killpg(serve.pid, signal.SIGKILL)
             subprocess.run(["pkill", "-f", f"prefect server start.*--port {port}"], check=False)
+            if down in ("mlflow", "triton"):
+                run([str(BIN / "cwtops"), down, "start"], in_project, services_env, timeout=180)
     output = log_path.read_text()
     assert took <= 12, (took, output[-3000:])
     # a clean stop is fine too; one that had to give up says so

@@ -179,6 +179,24 @@ def test_with_retries_repeats_connection_errors_only() -> None:
     assert len(calls) == 1
 
 
+def test_a_database_store_is_checked_before_the_server_starts_and_its_password_never_shown(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks.config import params_from_dict
+    from tasks.tracking import check_database, masked, server_command, server_env
+
+    uri = f"postgresql://mlflow:hunter2@127.0.0.1:{free_port()}/mlflow"  # nothing listens there
+    with pytest.raises(CwtopsError, match="cannot reach the MLflow database") as refused:
+        check_database(uri, timeout=5)
+    assert "hunter2" not in str(refused.value) and "***" in str(refused.value) and "PGPASSWORD" in str(refused.value)
+    with pytest.raises(CwtopsError, match="not a database URI"):
+        check_database("nosuchdialect://host/db")
+    assert masked(uri) == uri.replace("hunter2", "***") and masked("sqlite:///x.db") == "sqlite:///x.db"
+    monkeypatch.chdir(tmp_path)  # the webhook-secret key of a database store is kept in ./mlflow/
+    params = params_from_dict({"mlflow": {"backend_store": uri}})
+    assert not any("hunter2" in part for part in server_command(params, 5000))  # `ps` shows argv
+    assert server_env(params)["MLFLOW_BACKEND_STORE_URI"] == uri
+
+
 # ---------------------------------------------------------------- against a real server
 
 
@@ -433,6 +451,48 @@ def test_rollout_serves_the_production_alias_and_follows_it(registered: dict, in
             cursor.execute("SELECT version FROM model_version_tags WHERE name = %s AND key = 'deployment_status' AND value = 'serving'",
                            (params.base.model_name,))
             assert [int(row[0]) for row in cursor.fetchall()] == [second]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mlflow_test_server", ["postgresql"], indirect=True)
+def test_register_through_a_postgresql_restart_is_retried_or_refused_never_half_done(
+        registered: dict, in_fabricated: FabricatedProject, mlflow_test_server: MlflowTestServer) -> None:
+    """The database restarts while `register` talks to MLflow: the version is registered whole (tags,
+    description, ONNX), or the command fails naming the server; a rerun then leaves exactly one."""
+    import threading
+
+    from tasks import registry, track
+
+    params, cluster = registered["params"], mlflow_test_server.cluster
+    assert cluster is not None
+    tracked = track.run(params)  # a new run: register has a new version to create
+    outcome: list = []
+
+    def register() -> None:
+        try:
+            outcome.append(registry.register(params))
+        except CwtopsError as error:
+            outcome.append(error)
+
+    worker = threading.Thread(target=register)
+    cluster.stop()  # down when register starts talking to MLflow, back two seconds later
+    worker.start()
+    time.sleep(2)
+    cluster.start()
+    worker.join(300)
+    assert outcome, "register did not return"
+    print(f"register during the restart: {outcome[0]!r}")
+    if isinstance(outcome[0], CwtopsError):
+        assert in_fabricated.uri in str(outcome[0]) or "MLflow" in str(outcome[0]), outcome[0]
+    again = registry.register(params)  # the rerun a flow's retry or a person does
+    client = _client(in_fabricated.uri)
+    mine = [v for v in client.search_model_versions(f"name = '{params.base.model_name}'") if v.run_id == tracked.run_id]
+    assert [int(v.version) for v in mine] == [again.version]  # one version for the run, never two
+    if not isinstance(outcome[0], CwtopsError):
+        assert outcome[0].version == again.version
+    version = client.get_model_version(params.base.model_name, str(again.version))
+    assert version.tags["parity_passed"] == "true" and version.tags["onnx_sha256"] == again.onnx_sha256
+    assert version.description.startswith("ONNX export, parity-checked")
 
 
 # ---------------------------------------------------------------- the server itself

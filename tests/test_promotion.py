@@ -39,3 +39,18 @@ def test_second_rollout_waits_for_the_first(tmp_path, monkeypatch) -> None:
         order.append("second-in")
     thread.join()
     assert order == ["first-in", "first-out", "second-in"]
+
+
+def test_a_reconcile_pass_with_mlflow_unreachable_fails_instead_of_reporting_nothing_to_do(tmp_path, monkeypatch) -> None:
+    import pytest
+
+    from tasks.config import params_from_dict
+    from tasks.rollout import reconcile
+    from tasks.tracking import TrackingUnreachable
+    from tests.mlflow_fixtures import free_port
+
+    monkeypatch.setenv("CWTOPS_STATE_DIR", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = params_from_dict({"mlflow": {"port": free_port()}})  # nothing listens there
+    with pytest.raises(TrackingUnreachable, match="unreachable"):
+        reconcile(params)

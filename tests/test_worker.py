@@ -96,10 +96,6 @@ def _latest_version(params) -> int:
 def test_a_worker_runs_the_deployments_and_a_killed_worker_loses_nothing(in_project: Path, params, mlflow_server: str,
                                                                          triton_server: str, services_env: dict,
                                                                          tmp_path: Path) -> None:
-    from tasks.io import sha256_file
-    from tasks.registry import promote
-    from tasks.triton_publish import served_version
-
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**services_env, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
@@ -112,52 +108,66 @@ def test_a_worker_runs_the_deployments_and_a_killed_worker_loses_nothing(in_proj
         run([prefect, "work-pool", "create", "cwtops", "--type", "process"], in_project, env, timeout=120)
         run([prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(ROOT / "prefect.yaml")], in_project, env, timeout=300)
 
-        # 1. the nightly deployment, executed by a worker to the end: a new registered version
-        before = _latest_version(params)
-        with _process([prefect, "worker", "start", "--pool", "cwtops"], in_project, env, worker_log):
-            nightly = _trigger(api, "cwtops-train", "nightly")
-            state = _wait_final(api, nightly, [worker_log])
-            assert state["type"] == "COMPLETED", (state, worker_log.read_text()[-4000:])
-            newer = _latest_version(params)
-            assert newer == before + 1
-            # 2. promoted (rollout.promotion is manual): the reconcile deployment makes Triton serve it
-            promote(params, newer)
-            reconcile = _trigger(api, "cwtops-rollout", "reconcile")
-            assert _wait_final(api, reconcile, [worker_log])["type"] == "COMPLETED", worker_log.read_text()[-4000:]
-            assert served_version(params, triton_server) == newer
-
-        # 3. a worker killed with its run while the train stage works: the last good state stays
-        lock_before = (in_project / "dvc.lock").read_text()
-        model = in_project / "artifacts" / "train" / "model.pt"
-        model_sha = sha256_file(model)
-        raw = yaml.safe_load((in_project / "params.yaml").read_text())
         original = (in_project / "params.yaml").read_text()
-        raw["train"]["lr"] = float(raw["train"]["lr"]) * 1.1  # train is the first stage to run again: real work to lose
-        (in_project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
         try:
-            with _process([prefect, "worker", "start", "--pool", "cwtops"], in_project, env, worker_log) as worker:
-                killed = _trigger(api, "cwtops-train", "nightly")
-                deadline = time.monotonic() + RUN_TIMEOUT
-                while not _task_running(api, killed, "train"):
-                    assert time.monotonic() < deadline, worker_log.read_text()[-4000:]
-                    time.sleep(0.5)
-                time.sleep(3)  # inside the epochs
-                _kill_tree(worker.pid)
-            assert (in_project / "dvc.lock").read_text() == lock_before  # nothing committed half-way
-            assert sha256_file(model) == model_sha  # the last good model, whole
-            assert not list((in_project / "artifacts").rglob("*.tmp*")), "a temporary file was left behind"
-            assert _latest_version(params) == newer  # nothing registered
-
-            with _process([prefect, "worker", "start", "--pool", "cwtops"], in_project, env, worker_log):
-                again = _trigger(api, "cwtops-train", "nightly")
-                state = _wait_final(api, again, [worker_log])
-            assert state["type"] == "COMPLETED", (state, worker_log.read_text()[-4000:])
-            assert _latest_version(params) == newer + 1
-            assert sha256_file(model) != model_sha  # retrained with the new learning rate
-            status = run([str(BIN / "dvc"), "status", "--json"], in_project, env)
-            assert json.loads(status.stdout or "{}") == {}, status.stdout
+            _worker_runs_then_dies(api, env, in_project, params, triton_server, worker_log)
         finally:
             (in_project / "params.yaml").write_text(original)
+
+
+def _worker_runs_then_dies(api: str, env: dict, in_project: Path, params, triton_server: str, worker_log: Path) -> None:
+    from tasks.io import sha256_file
+    from tasks.registry import promote
+    from tasks.triton_publish import served_version
+
+    prefect = str(BIN / "prefect")
+    # 1. the nightly deployment, executed by a worker to the end: a new registered version
+    _scale_lr(in_project, 1.1)  # new inputs: the run retrains and registers a new version
+    before = _latest_version(params)
+    with _process([prefect, "worker", "start", "--pool", "cwtops"], in_project, env, worker_log):
+        nightly = _trigger(api, "cwtops-train", "nightly")
+        state = _wait_final(api, nightly, [worker_log])
+        assert state["type"] == "COMPLETED", (state, worker_log.read_text()[-4000:])
+        newer = _latest_version(params)
+        assert newer == before + 1
+        # 2. promoted (rollout.promotion is manual): the reconcile deployment makes Triton serve it
+        promote(params, newer)
+        reconcile = _trigger(api, "cwtops-rollout", "reconcile")
+        assert _wait_final(api, reconcile, [worker_log])["type"] == "COMPLETED", worker_log.read_text()[-4000:]
+        assert served_version(params, triton_server) == newer
+
+    # 3. a worker killed with its run while the train stage works: the last good state stays
+    lock_before = (in_project / "dvc.lock").read_text()
+    model = in_project / "artifacts" / "train" / "model.pt"
+    model_sha = sha256_file(model)
+    _scale_lr(in_project, 1.1)  # train is the first stage to run again: real work to lose
+    with _process([prefect, "worker", "start", "--pool", "cwtops"], in_project, env, worker_log) as worker:
+        killed = _trigger(api, "cwtops-train", "nightly")
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not _task_running(api, killed, "train"):
+            assert time.monotonic() < deadline, worker_log.read_text()[-4000:]
+            time.sleep(0.5)
+        time.sleep(3)  # inside the epochs
+        _kill_tree(worker.pid)
+    assert (in_project / "dvc.lock").read_text() == lock_before  # nothing committed half-way
+    assert sha256_file(model) == model_sha  # the last good model, whole
+    assert not list((in_project / "artifacts").rglob("*.tmp*")), "a temporary file was left behind"
+    assert _latest_version(params) == newer  # nothing registered
+
+    with _process([prefect, "worker", "start", "--pool", "cwtops"], in_project, env, worker_log):
+        again = _trigger(api, "cwtops-train", "nightly")
+        state = _wait_final(api, again, [worker_log])
+    assert state["type"] == "COMPLETED", (state, worker_log.read_text()[-4000:])
+    assert _latest_version(params) == newer + 1
+    assert sha256_file(model) != model_sha  # retrained with the new learning rate
+    status = run([str(BIN / "dvc"), "status", "--json"], in_project, env)
+    assert json.loads(status.stdout or "{}") == {}, status.stdout
+
+
+def _scale_lr(project: Path, factor: float) -> None:
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["train"]["lr"] = float(raw["train"]["lr"]) * factor
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
 def _kill_tree(pid: int) -> None:
