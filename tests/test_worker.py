@@ -60,7 +60,12 @@ def _wait_healthy(api: str, server: subprocess.Popen, log: Path, timeout: float 
 def _trigger(api: str, flow: str, deployment: str) -> str:
     found = requests.get(f"{api}/deployments/name/{flow}/{deployment}", timeout=10)
     assert found.ok, found.text
-    created = requests.post(f"{api}/deployments/{found.json()['id']}/create_flow_run", json={}, timeout=10)
+    deadline = time.monotonic() + 60
+    while True:  # a busy server (its SQLite locked by the scheduler and the worker) answers 503: ask again
+        created = requests.post(f"{api}/deployments/{found.json()['id']}/create_flow_run", json={}, timeout=10)
+        if created.status_code != 503 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     assert created.ok, created.text
     return created.json()["id"]
 
