@@ -132,7 +132,7 @@ def run(quick: bool = False, pipeline_seconds: float | None = None) -> dict:
     """Fabricate a real-size tree, start a server, measure track + register; returns the summary."""
     from tasks.config import params_from_dict
     from tasks.tracking import start, stop
-    from tests.mlflow_fixtures import TreeShape, fabricate_project, free_port, params_dict
+    from bench.fabricated import TreeShape, fabricate_project, free_port, params_dict
 
     repeats = 1 if quick else 3
     with tempfile.TemporaryDirectory(prefix="cwtops-bench-mlflow-") as scratch, _isolated(Path(scratch)) as root:

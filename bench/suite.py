@@ -92,3 +92,17 @@ def targets(results: dict) -> list[dict]:
         else:
             table += _headlines(name, result)
     return table
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller inputs")
+    parser.add_argument("--only", action="append", help="one benchmark by its short name (repeat it)")
+    args = parser.parse_args()
+    run_all(quick=args.quick, only=args.only)  # the table says which targets hold
+
+
+if __name__ == "__main__":
+    main()

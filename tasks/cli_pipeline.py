@@ -1,4 +1,5 @@
-"""Pipeline commands: `cwtops stage NAME`, `cwtops init`."""
+"""Pipeline commands: `cwtops stage NAME`, `cwtops init`, `cwtops rollout` (the orchestration
+commands `run`, `serve` and `bench` are added by flows/cli.py)."""
 
 from __future__ import annotations
 
@@ -42,25 +43,6 @@ def init(params_path: Path = ParamsOption) -> None:
         typer.echo(line)
 
 
-def run(params_path: Path = ParamsOption) -> None:
-    """The main job: sample data and weights, MLflow, Triton, the training flow, a served prediction."""
-    from flows.main import main_job
-
-    main_job(str(params_path))
-
-
-def serve(
-    params_path: Path = ParamsOption,
-    webhook: bool = typer.Option(True, help="register the MLflow webhook and run its receiver"),
-) -> None:
-    """Long-running: Prefect deployments (nightly retraining, rollout reconciler) and the webhook receiver."""
-    from flows.main import prepare_environment
-    from flows.serve import serve as serve_all
-
-    prepare_environment()
-    serve_all(str(params_path), webhook=webhook)
-
-
 def rollout(
     params_path: Path = ParamsOption,
     retry: bool = typer.Option(False, "--retry", help="retry a version whose last rollout failed"),
@@ -74,23 +56,7 @@ def rollout(
         raise typer.Exit(1)
 
 
-def bench(
-    quick: bool = typer.Option(False, "--quick", help="fewer repeats and smaller inputs"),
-    only: list[str] = typer.Option(None, "--only", help="frontend, parser, onnx, train, serving, mlflow, flow, variants, ucr (repeat it)"),
-) -> None:
-    """Run the benchmarks: one table each, ratios against their targets, JSON under bench/results/."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ lives beside tasks/
-    from bench.suite import run_all
-
-    run_all(quick=quick, only=only or None)
-
-
 def register(app: typer.Typer) -> None:
-    app.command("bench")(bench)
     app.command("stage")(stage)
     app.command("init")(init)
-    app.command("run")(run)
-    app.command("serve")(serve)
     app.command("rollout")(rollout)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tasks.errors import CwtopsError
-from tasks.triton_server import admin_headers
+from tasks.triton_auth import admin_headers
 
 if TYPE_CHECKING:
     import tritonclient.http as httpclient

@@ -21,7 +21,6 @@ import contextlib
 import json
 import os
 import re
-import secrets
 import shutil
 import signal
 import sys
@@ -32,15 +31,13 @@ from pathlib import Path
 from tasks.config import Params
 from tasks.errors import CwtopsError
 from tasks.services import Service, http_ok, process_alive, state_dir
+from tasks.triton_auth import API_KEY_ENV, API_KEY_HEADER, admin_headers, api_key, key_file  # noqa: F401 - re-exported
 
 TRITON = Service("triton")
-API_KEY_ENV = "CWTOPS_TRITON_API_KEY"
-API_KEY_HEADER = "cwtops-api-key"
 RESTRICTED_APIS = "model-repository,logging,trace"
 BACKEND_SOURCE = Path(__file__).parent / "triton_backend" / "model.py"
 STAGING_SUFFIX = ".candidate"  # publishing checks a new version under `<model>.candidate` first
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_KEY_PATTERN = re.compile(r"^[A-Za-z0-9._~+/-]{16,256}$")  # no ':', ',' or '=': Triton's flag syntax splits on them
 
 
 @dataclass(frozen=True)
@@ -101,39 +98,6 @@ def server_environment() -> dict[str, str]:
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libs, os.environ.get("LD_LIBRARY_PATH", "")) if p)
     env["PATH"] = os.pathsep.join((str(Path(sys.prefix) / "bin"), os.environ.get("PATH", "")))
     return env
-
-
-def key_file() -> Path:
-    return TRITON.folder / "api-key"
-
-
-def api_key(create: bool = False) -> str | None:
-    """The model-repository API key: the environment's, else this state directory's key file
-    (written with a random key, mode 0600, when `create` and absent); checked, never echoed."""
-    key = os.environ.get(API_KEY_ENV)
-    if not key:
-        path = key_file()
-        if create and not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never readable by others
-            with os.fdopen(descriptor, "w") as handle:
-                handle.write(secrets.token_urlsafe(32) + "\n")
-        try:
-            key = path.read_text().strip()
-        except FileNotFoundError:
-            return None
-        if not _KEY_PATTERN.match(key):
-            raise CwtopsError(f"{path}: not a valid API key; delete it and restart Triton (`cwtops triton stop`, `cwtops triton start`)")
-        return key
-    if not _KEY_PATTERN.match(key):
-        raise CwtopsError(f"{API_KEY_ENV} must be 16-256 characters from A-Z a-z 0-9 . _ ~ + / - (Triton's flag syntax splits on ':', ',' and '=')")
-    return key
-
-
-def admin_headers() -> dict[str, str] | None:
-    """The header Triton's restricted model-repository API asks for, when a key is configured."""
-    key = api_key()
-    return {API_KEY_HEADER: key} if key else None
 
 
 def models_on_disk(repository: Path) -> list[str]:
@@ -218,10 +182,11 @@ def model_states(url: str) -> dict[str, str]:
     """Per model in the repository index: its READY versions and any version that failed to load."""
     from tritonclient.utils import InferenceServerException
 
-    from tasks.triton_client import connect
+    import tritonclient.http as httpclient
 
     try:
-        index = connect(url).get_model_repository_index(headers=admin_headers())
+        client = httpclient.InferenceServerClient(url.removeprefix("http://"), connection_timeout=120.0, network_timeout=120.0)
+        index = client.get_model_repository_index(headers=admin_headers())
     except InferenceServerException as error:
         return {"(repository index)": f"unavailable: {error.message()}"}
     ready: dict[str, list[int]] = {}
