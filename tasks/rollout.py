@@ -13,7 +13,6 @@ manual calls (a second caller waits for the first).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import tempfile
 import time
@@ -45,22 +44,15 @@ class RolloutOutcome:
 @contextlib.contextmanager
 def rollout_lock(timeout: float = 600.0) -> Iterator[None]:
     """Exclusive lock across processes; waits up to `timeout` seconds for a running rollout."""
+    from filelock import FileLock, Timeout
+
     path = state_dir() / "rollout.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise CwtopsError(f"another rollout holds {path} for over {timeout:.0f} s") from None
-                time.sleep(0.2)
-        try:
+    try:
+        with FileLock(path, timeout=timeout):
             yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    except Timeout:
+        raise CwtopsError(f"another rollout holds {path} for over {timeout:.0f} s") from None
 
 
 def _now() -> str:

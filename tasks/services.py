@@ -91,20 +91,18 @@ class Service:
 
 def process_alive(pid: int) -> bool:
     """Whether `pid` still runs. A child of this process that exited is reaped (a zombie is not alive)."""
+    import psutil
+
     try:
         if os.waitpid(pid, os.WNOHANG)[0] == pid:
             return False
     except ChildProcessError:
         pass  # not our child: ask the kernel
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE  # a zombie of another parent
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        return True
-    try:  # os.kill succeeds on zombies of other parents: procfs tells
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
+    except psutil.AccessDenied:
         return True
 
 

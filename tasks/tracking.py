@@ -168,11 +168,15 @@ def _server_pid() -> int | None:
     pid = MLFLOW.pid()
     if pid is None:
         return None
+    import psutil
+
     try:
-        command = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return pid if process_alive(pid) else None  # no /proc (macOS): trust the PID file
-    if b"mlflow" not in command or not process_alive(pid):
+        command = " ".join(psutil.Process(pid).cmdline())
+    except psutil.NoSuchProcess:
+        command = ""
+    except psutil.AccessDenied:
+        return pid if process_alive(pid) else None  # another user's process: trust the PID file
+    if "mlflow" not in command or not process_alive(pid):
         MLFLOW.pid_file.unlink(missing_ok=True)
         return None
     return pid
@@ -201,15 +205,11 @@ def _prepare_storage(params: Params) -> None:
 @contextlib.contextmanager
 def _start_lock() -> Iterator[None]:
     """Two callers starting the server at once (a DVC stage and a flow) start one server."""
-    import fcntl
+    from filelock import FileLock
 
     MLFLOW.folder.mkdir(parents=True, exist_ok=True)
-    with open(MLFLOW.folder / "start.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with FileLock(MLFLOW.folder / "start.lock"):
+        yield
 
 
 def start(params: Params, port: int | None = None, wait: float = 60) -> dict:

@@ -20,7 +20,6 @@ with a version's file uploaded and verified before the config that names it.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import re
 import shutil
@@ -266,14 +265,12 @@ def served_version(params: Params, url: str | None = None) -> int | None:
 @contextlib.contextmanager
 def _publish_lock(model: str) -> Iterator[None]:
     """One publication per model at a time (the CLI, the rollout flow and the scheduler may overlap)."""
+    from filelock import FileLock
+
     path = state_dir() / "triton" / f"publish-{model}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with FileLock(path):
+        yield
 
 
 class ModelRepository(Protocol):
