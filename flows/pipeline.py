@@ -19,6 +19,7 @@ from tasks.config import DEFAULT_PARAMS, Params, load_params
 from tasks.dvc_stage import Mode, StageRun, repro_stage
 from tasks.paths import artifact_paths
 from tasks.promotion import apply_policy
+from tasks.stages import STAGES
 from tasks.rollout import RolloutOutcome, reconcile
 
 
@@ -59,7 +60,7 @@ def train_flow(params_file: str = str(DEFAULT_PARAMS), publish: bool = True, sta
     return summary
 
 
-PIPELINE = ("parse", "balance", "train", "evaluate", "export", "parity", "track")
+PIPELINE = STAGES  # written once, in tasks/stages.py; tests/test_dvc_deps.py checks dvc.yaml declares the same
 
 
 def _summary(params: Params, ran: dict, version: int, decision: str, outcome: RolloutOutcome | None) -> dict:

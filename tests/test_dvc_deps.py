@@ -28,6 +28,13 @@ def imported_modules(module: str, seen: set[str] | None = None) -> set[str]:
     return seen
 
 
+def test_dvc_yaml_declares_the_stages_in_the_order_the_code_runs_them() -> None:
+    from flows.pipeline import PIPELINE
+    from tasks.stages import STAGES as CODE_STAGES
+
+    assert tuple(STAGES) == CODE_STAGES == PIPELINE
+
+
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_stage_lists_every_module_it_imports(stage: str) -> None:
     needed = {module.replace(".", "/") + ".py" for module in imported_modules(f"tasks.{stage}")}
