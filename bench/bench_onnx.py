@@ -10,7 +10,7 @@ from bench.common import cli_main, median_seconds, print_table
 from tasks.config import TrainConfig
 from tasks.export import INPUT_NAME, OUTPUT_NAME, onnx_bytes
 from tasks.model import HybridCWTNet, ModelArgs
-from tasks.derived import auto_hop
+from tasks.derived import WIDE_CHANNELS, WIDE_HIDDEN, auto_hop  # the sample data trains the wide head (over 200 signals)
 from tasks.weights import fitted_filter_bank
 
 TARGET = 2.0  # ONNX Runtime vs PyTorch eager, batch 1 latency
@@ -23,7 +23,7 @@ def default_model(signal_length: int = 2048, n_classes: int = 5) -> HybridCWTNet
     matrix, _ = bank.padded()
     cfg = TrainConfig()
     args = ModelArgs(n_filters=matrix.shape[0], kernel_size=matrix.shape[1], n_classes=n_classes, signal_length=signal_length,
-                     hop=auto_hop(signal_length), stem=cfg.stem, head=cfg.head, channels=cfg.channels, hidden=cfg.hidden,
+                     hop=auto_hop(signal_length), stem=cfg.stem, head=cfg.head, channels=WIDE_CHANNELS, hidden=WIDE_HIDDEN,
                      dropout=cfg.dropout)
     torch.manual_seed(0)
     return HybridCWTNet(args, torch.from_numpy(matrix)).eval()

@@ -79,9 +79,10 @@ class TrainConfig(Section):
     # ensemble (1-D head): heads on the one front-end, probabilities averaged, one ONNX graph;
     # auto: as many (up to 5) as the training budget leaves room for after a full schedule
     members: Annotated[int, Field(ge=1, le=16)] | Auto = "auto"
-    channels: tuple[int, int, int, int] = (64, 64, 128, 128)
+    # conv1..conv4 widths and fc1's; auto: narrower heads for small training sets (tasks/derived.py)
+    channels: tuple[int, int, int, int] | Auto = "auto"
     raw_channel: bool = False  # 1d head: the standardised signal as one more input channel beside the scales
-    hidden: int = Field(128, ge=1)
+    hidden: Annotated[int, Field(ge=1)] | Auto = "auto"
     dropout: float = Field(0.1, ge=0, lt=1)
     stem: Literal["pool", "strided"] = "strided"  # 2d head: a stride-2 conv1, or conv1 + 2x2 max-pool (4x the cost)
     # augmentation, on the scalogram: a random shift in time of up to this share of its length
@@ -98,8 +99,8 @@ class TrainConfig(Section):
 
     @field_validator("channels")
     @classmethod
-    def _positive(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        if any(c < 1 for c in value):
+    def _positive(cls, value: tuple[int, ...] | str) -> tuple[int, ...] | str:
+        if not isinstance(value, str) and any(c < 1 for c in value):
             raise ValueError("every channel width must be at least 1")
         return value
 

@@ -137,7 +137,8 @@ def resolved_settings(summary: dict, bank: dict | None = None) -> dict[str, obje
     """The values the pipeline actually used (`auto` ones derived from the data), by params key."""
     settings = summary.get("settings") or {}
     keys = {"hop": "parse.hop", "members": "train.members", "epochs": "train.epochs", "batch_size": "train.batch_size",
-            "patience": "train.patience", "signal_length": "data.signal_length", "n_train": "data.n_train"}
+            "patience": "train.patience", "signal_length": "data.signal_length", "n_train": "data.n_train",
+            "channels": "train.channels", "hidden": "train.hidden"}
     resolved = {dotted: settings[name] for name, dotted in keys.items() if name in settings}
     if "selected_by" in summary:  # validation macro-F1, or training loss when no validation split was carved out
         resolved["train.selected_by"] = summary["selected_by"]

@@ -34,7 +34,7 @@ from tasks.data import SignalReader, load_signals, read_manifest
 from tasks.distributed import SINGLE_PROCESS, World, close_world, init_world, shard, sync_buffers, threads_per_rank, wrap_head
 from tasks.errors import CwtopsError
 from tasks.io import atomic_path, sha256_file, write_json
-from tasks.derived import TrainSettings, train_settings
+from tasks.derived import WIDE_CHANNELS, WIDE_HIDDEN, TrainSettings, train_settings
 from tasks.model import HybridCWTNet, ModelArgs, checkpoint_dict, head_flops, trainable_parameters
 from tasks.parse import load_filter_bank
 from tasks.paths import ArtifactPaths, artifact_paths
@@ -370,7 +370,8 @@ def _write_history(path: Path, history: list[dict]) -> None:
 
 
 def model_args(params: Params, n_filters: int, kernel_size: int, n_classes: int, signal_length: int, hop: int,
-               members: int = 1) -> ModelArgs:
+               members: int = 1, channels: tuple[int, int, int, int] = WIDE_CHANNELS, hidden: int = WIDE_HIDDEN) -> ModelArgs:
+    """The head's shape: params.yaml's settings with the resolved (`auto`) values passed in."""
     cfg = params.train
     return ModelArgs(
         n_filters=n_filters,
@@ -379,8 +380,8 @@ def model_args(params: Params, n_filters: int, kernel_size: int, n_classes: int,
         signal_length=signal_length,
         hop=hop,
         magnitude=params.parse.magnitude,
-        channels=cfg.channels,
-        hidden=cfg.hidden,
+        channels=channels,
+        hidden=hidden,
         dropout=cfg.dropout,
         stem=cfg.stem,
         head=cfg.head,
@@ -391,7 +392,8 @@ def model_args(params: Params, n_filters: int, kernel_size: int, n_classes: int,
 
 def _build(params: Params, matrix: torch.Tensor, n_classes: int, signal_length: int, settings: TrainSettings,
            device: torch.device) -> HybridCWTNet:
-    args = model_args(params, matrix.shape[0], matrix.shape[1], n_classes, signal_length, settings.hop, settings.members)
+    args = model_args(params, matrix.shape[0], matrix.shape[1], n_classes, signal_length, settings.hop, settings.members,
+                      settings.channels, settings.hidden)
     torch.manual_seed(params.base.seed)
     return training_layout(HybridCWTNet(args, matrix).to(device))
 
@@ -409,8 +411,8 @@ def resolve_settings(params: Params, manifest: pd.DataFrame, signal_length: int,
     n_train = int((manifest.split == "train").sum())
     has_val = bool((manifest.split == "val").any())
 
-    def forward_flops(hop: int) -> float:
-        flops = head_flops(model_args(params, *bank_shape, n_classes, signal_length, hop))
+    def forward_flops(hop: int, channels: tuple[int, int, int, int], hidden: int) -> float:
+        flops = head_flops(model_args(params, *bank_shape, n_classes, signal_length, hop, channels=channels, hidden=hidden))
         return float(sum(value for layer, value in flops.items() if layer != "frontend"))
 
     def input_bytes(hop: int) -> int:  # every train and val scalogram as float32, in this process
@@ -419,7 +421,7 @@ def resolve_settings(params: Params, manifest: pd.DataFrame, signal_length: int,
 
     members = cfg.members if cfg.head == "1d" else 1  # the 2-D head trains alone
     return train_settings(params.parse.hop, cfg.epochs, cfg.batch_size, cfg.patience, signal_length, n_train, has_val,
-                          forward_flops, members, cfg.input, input_bytes, cfg.max_steps)
+                          forward_flops, members, cfg.input, input_bytes, cfg.max_steps, cfg.channels, cfg.hidden)
 
 
 def run(params: Params) -> TrainResult:

@@ -96,13 +96,34 @@ def test_small_datasets_spend_the_rest_of_the_budget_on_ensemble_members() -> No
     assert derived.auto_members(20, flops, 8) == derived.MAX_MEMBERS
     assert derived.auto_members(3600, flops) == 1
     small = derived.train_settings("auto", "auto", "auto", "auto", signal_length=150, n_train=50, members="auto",
-                                   forward_flops=lambda hop: flops)
+                                   forward_flops=lambda hop, channels, hidden: flops)
     assert "train.members" in small.derived and small.members > 1 and small.epochs == derived.MAX_EPOCHS
     assert small.forward_flops == small.members * flops
     spent = small.epochs * derived.epoch_cost(small.n_train, small.forward_flops, small.batch_size, small.members)
     assert spent <= derived.FLOP_BUDGET  # members x full schedule still within the budget
     # tiny signals: the per-step overhead, not the arithmetic, bounds the ensemble
     tiny = derived.train_settings("auto", "auto", "auto", "auto", signal_length=24, n_train=67, members="auto",
-                                  forward_flops=lambda hop: 5e6)
+                                  forward_flops=lambda hop, channels, hidden: 5e6)
     assert tiny.epochs * derived.epoch_cost(67, tiny.forward_flops, tiny.batch_size, tiny.members) <= derived.FLOP_BUDGET
     assert derived.train_settings(1, 5, 8, 5, 150, 50, members=3).members == 3  # explicit wins
+
+
+def test_small_training_sets_get_the_narrow_head_and_explicit_widths_win() -> None:
+    small = derived.train_settings("auto", "auto", "auto", "auto", signal_length=300, n_train=derived.SMALL_SET,
+                                   channels="auto", hidden="auto")
+    large = derived.train_settings("auto", "auto", "auto", "auto", signal_length=300, n_train=derived.SMALL_SET + 1,
+                                   channels="auto", hidden="auto")
+    assert (small.channels, small.hidden) == (derived.NARROW_CHANNELS, derived.NARROW_HIDDEN)
+    assert (large.channels, large.hidden) == (derived.WIDE_CHANNELS, derived.WIDE_HIDDEN)
+    assert {"train.channels", "train.hidden"} <= set(small.derived)
+    fixed = derived.train_settings("auto", "auto", "auto", "auto", signal_length=300, n_train=50,
+                                   channels=(8, 8, 16, 16), hidden=12)
+    assert (fixed.channels, fixed.hidden) == ((8, 8, 16, 16), 12) and "train.channels" not in fixed.derived
+    # the narrow head costs less, so the same budget trains more ensemble members
+    flops = {derived.NARROW_CHANNELS: 2e6, derived.WIDE_CHANNELS: 8e6}
+    narrow = derived.train_settings("auto", "auto", "auto", "auto", signal_length=300, n_train=100, members="auto",
+                                    forward_flops=lambda hop, channels, hidden: flops[channels], channels="auto", hidden="auto")
+    wide = derived.train_settings("auto", "auto", "auto", "auto", signal_length=300, n_train=100, members="auto",
+                                  forward_flops=lambda hop, channels, hidden: flops[channels],
+                                  channels=derived.WIDE_CHANNELS, hidden=derived.WIDE_HIDDEN)
+    assert narrow.members >= wide.members
