@@ -32,7 +32,7 @@ perf-analyzer: setup
 	$(BIN)/python -m bench.perf_analyzer install
 
 system-packages: setup
-	$(BIN)/python -m tasks.debian $(DEBIAN_TEST_PACKAGES)
+	$(BIN)/python -m cwtops.services.debian $(DEBIAN_TEST_PACKAGES)
 
 run: setup
 	$(BIN)/cwtops run

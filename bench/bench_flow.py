@@ -81,7 +81,7 @@ def _print(result: dict) -> None:
 
 
 def child(out: Path, quick: bool) -> None:
-    from tasks.config import load_params
+    from cwtops.core.config import load_params
 
     params = load_params("params.yaml")
     prefect = _start_prefect()
@@ -111,7 +111,8 @@ def _start_prefect() -> subprocess.Popen:
 
 
 def _stop_services(params: object, prefect: subprocess.Popen) -> None:
-    from tasks import tracking, triton_server
+    from cwtops.registry import server as tracking
+    from cwtops.serving import server as triton_server
 
     triton_server.stop(params)
     tracking.stop(params)
@@ -120,10 +121,10 @@ def _stop_services(params: object, prefect: subprocess.Popen) -> None:
 
 
 def _measure(params: object, quick: bool) -> dict:
-    from tasks.data import write_sample_dataset
-    from tasks.project import init_project
-    from tasks.tracking import ensure_server
-    from tasks.triton_server import start as start_triton
+    from cwtops.data.project import init_project
+    from cwtops.data.signals import write_sample_dataset
+    from cwtops.registry.server import ensure_server
+    from cwtops.serving.server import start as start_triton
 
     if quick:
         write_sample_dataset(params.base.raw_dir, seed=params.base.seed, counts=SMALL_COUNTS)
@@ -184,11 +185,11 @@ def _rollout_latency(params: object) -> float:
 
     import requests
 
+    from cwtops.registry.server import tracking_uri
+    from cwtops.registry.versions import register
+    from cwtops.serving.publish import served_version
     from flows.serve import register_mlflow_webhook, start_receiver
-    from tasks.registry import register
     from tasks.track import run as track_run
-    from tasks.tracking import tracking_uri
-    from tasks.triton_publish import served_version
 
     track_run(params)
     newer = register(params).version

@@ -6,14 +6,13 @@ floor: FLOPs and bytes of scalogram per signal against this machine's measured r
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 
 from bench.common import cli_main, median_seconds, print_table
-from tasks.model import CWTFrontEnd
-from tasks.reference import PerLayerFrontEnd
-from tasks.weights import generate_filter_bank
+from cwtops.data.weights import generate_filter_bank
+from cwtops.model.network import CWTFrontEnd
+from cwtops.model.reference import PerLayerFrontEnd
 
 TARGET = 10.0  # fused vs per-layer at batch 64, L 1024
 

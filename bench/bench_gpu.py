@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 
 from bench.common import cli_main, median_seconds, print_table
-from tasks.config import params_from_dict
-from tasks.model import CWTFrontEnd
-from tasks.reference import PerLayerFrontEnd
-from tasks.weights import generate_filter_bank, write_weight_file
+from cwtops.core.config import params_from_dict
+from cwtops.data.weights import generate_filter_bank, write_weight_file
+from cwtops.model.network import CWTFrontEnd
+from cwtops.model.reference import PerLayerFrontEnd
 
 
 def _pipeline_params(root: Path, device: str) -> dict:
@@ -64,7 +64,7 @@ def run(quick: bool = False) -> dict:
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to measure")
         return {"skipped": "no CUDA device", "holds": None}
-    from tasks.data import write_sample_dataset
+    from cwtops.data.signals import write_sample_dataset
 
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)

@@ -86,9 +86,10 @@ def _phase(name: str, action: Callable[[], object], server: str) -> dict:
 
 def _in_process(repeats: int) -> list[dict]:
     """track + register in this process, `repeats` times (each a new run and a new version)."""
-    from tasks import registry, track
-    from tasks.config import load_params
-    from tasks.tracking import tracking_uri
+    from cwtops.core.config import load_params
+    from cwtops.registry import versions as registry
+    from cwtops.registry.server import tracking_uri
+    from tasks import track
 
     params = load_params()
     server = urlparse(tracking_uri(params)).netloc
@@ -130,9 +131,9 @@ def _summary(rows: list[dict], cold: dict, start_seconds: float, pipeline_second
 
 def run(quick: bool = False, pipeline_seconds: float | None = None) -> dict:
     """Fabricate a real-size tree, start a server, measure track + register; returns the summary."""
-    from tasks.config import params_from_dict
-    from tasks.tracking import start, stop
     from bench.fabricated import TreeShape, fabricate_project, free_port, params_dict
+    from cwtops.core.config import params_from_dict
+    from cwtops.registry.server import start, stop
 
     repeats = 1 if quick else 3
     with tempfile.TemporaryDirectory(prefix="cwtops-bench-mlflow-") as scratch, _isolated(Path(scratch)) as root:

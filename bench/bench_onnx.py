@@ -7,11 +7,12 @@ import onnxruntime as ort
 import torch
 
 from bench.common import cli_main, median_seconds, print_table
-from tasks.config import TrainConfig
-from tasks.export import INPUT_NAME, OUTPUT_NAME, onnx_bytes
-from tasks.model import HybridCWTNet, ModelArgs
-from tasks.derived import WIDE_CHANNELS, WIDE_HIDDEN, auto_hop  # the sample data trains the wide head (over 200 signals)
-from tasks.weights import fitted_filter_bank
+from cwtops.core.config import TrainConfig
+from cwtops.core.derived import WIDE_CHANNELS, WIDE_HIDDEN, auto_hop  # the sample data trains the wide head (over 200 signals)
+from cwtops.data.weights import fitted_filter_bank
+from cwtops.model.network import HybridCWTNet, ModelArgs
+from cwtops.model.signature import INPUT_NAME, OUTPUT_NAME
+from tasks.export import onnx_bytes
 
 TARGET = 2.0  # ONNX Runtime vs PyTorch eager, batch 1 latency
 

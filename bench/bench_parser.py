@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import RESULTS_DIR, median_seconds, print_table, write_json
-from tasks.weights import FilterBank, format_weight_file, generate_filter_bank, parse_weight_file
+from cwtops.data.weights import FilterBank, format_weight_file, generate_filter_bank, parse_weight_file
 
 TARGET_SECONDS = 1.0  # a 10 MB file must parse in well under this
 ROW_TAPS = 4200  # 112 filters x 4200 taps x ~21 bytes per printed number: ~10 MB

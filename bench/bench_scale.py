@@ -73,7 +73,7 @@ def prepare(folder: Path, signals: int, overrides: dict) -> Path:
     folder.mkdir(parents=True)
     measured([str(BIN / "cwtops"), "data", "sample", "--signals", str(signals), "--shard", str(shard_size(signals)),
               "--out", str(folder / "data/raw")], folder)
-    code = "from tasks.weights import generate_filter_bank, write_weight_file; write_weight_file('my.txt', *generate_filter_bank())"
+    code = "from cwtops.data.weights import generate_filter_bank, write_weight_file; write_weight_file('my.txt', *generate_filter_bank())"
     subprocess.run([sys.executable, "-c", code], cwd=folder, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["base"].update({"raw_dir": str(folder / "data/raw"), "weights": str(folder / "my.txt"),

@@ -27,7 +27,7 @@ import numpy as np
 import onnxruntime as ort
 
 from bench.common import RESULTS_DIR, print_table, write_json
-from tasks.config import Params, load_params, params_from_dict
+from cwtops.core.config import Params, load_params, params_from_dict
 
 TARGET = 0.70  # served throughput / in-process throughput at concurrency >= 8
 CONCURRENCY = (1, 8, 32)
@@ -89,7 +89,7 @@ def bench_params(root: Path, overrides: dict[str, str]) -> Params:
 
 
 def _served_call(url: str, signal: np.ndarray) -> Callable[[], object]:
-    from tasks.triton_client import connect, infer
+    from cwtops.serving.client import connect, infer
 
     local = threading.local()
 
@@ -242,10 +242,9 @@ def _rows(url: str, session: ort.InferenceSession, signal: np.ndarray, quick: bo
 
 def run(quick: bool = False, overrides: dict[str, str] | None = None) -> dict:
     """Start a private tritonserver, publish the default model, load both sides; a table and a dict."""
-    from tasks.triton_publish import publish_version
-    from tasks.triton_server import start, stop
-
     from bench import perf_analyzer
+    from cwtops.serving.publish import publish_version
+    from cwtops.serving.server import start, stop
 
     problems = perf_analyzer.missing()
     generator = "tritonclient.http (Python threads)" if problems else f"perf_analyzer {perf_analyzer.version()} (C++)"

@@ -11,12 +11,12 @@ import torch
 from sklearn.metrics import f1_score
 
 from bench.common import cli_main, print_table
-from tasks.config import TrainConfig
-from tasks.data import load_signals, scan_raw, write_sample_dataset
-from tasks.model import HybridCWTNet, ModelArgs
-from tasks.reference import PerLayerFrontEnd
+from cwtops.core.config import TrainConfig
+from cwtops.data.signals import load_signals, scan_raw, write_sample_dataset
+from cwtops.data.weights import generate_filter_bank
+from cwtops.model.network import HybridCWTNet, ModelArgs
+from cwtops.model.reference import PerLayerFrontEnd
 from tasks.train import training_layout
-from tasks.weights import generate_filter_bank
 
 TARGET = 3.0
 

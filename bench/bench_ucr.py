@@ -88,14 +88,15 @@ def _environment(root: Path) -> dict[str, str]:
 
 
 def _make_project(root: Path) -> None:
-    """A fresh checkout: params.yaml and dvc.yaml unchanged, tasks/ (dvc.yaml's code deps), own git repo."""
+    """A fresh checkout: params.yaml and dvc.yaml unchanged, tasks/ and cwtops/ (dvc.yaml's code deps), own git repo."""
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
     for name in COPIED_FILES:
         if (ROOT / name).is_file():
             shutil.copy2(ROOT / name, root / name)
-    shutil.copytree(ROOT / "tasks", root / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("tasks", "cwtops"):
+        shutil.copytree(ROOT / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(["git", "init", "-q"], cwd=root, check=True, capture_output=True)
 
 

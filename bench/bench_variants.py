@@ -19,11 +19,11 @@ import numpy as np
 import onnxruntime as ort
 
 from bench.common import cli_main, print_table
-from tasks.config import load_params
-from tasks.errors import CwtopsError
-from tasks.export import INPUT_NAME, OUTPUT_NAME
-from tasks.paths import artifact_paths
-from tasks.variants import (
+from cwtops.core.config import load_params
+from cwtops.core.errors import CwtopsError
+from cwtops.core.paths import artifact_paths
+from cwtops.model.signature import INPUT_NAME, OUTPUT_NAME
+from cwtops.variants import (
     VARIANTS,
     VariantsConfig,
     build_variant,
@@ -110,7 +110,7 @@ def _built_sample_project(scratch: Path) -> Path:
     (root / "params.yaml").write_text(yaml.safe_dump(small_params(), sort_keys=False))
     env = {**os.environ, "CWTOPS_STATE_DIR": str(root / ".cwtops"),
            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
-    code = f"from tasks.data import write_sample_dataset; write_sample_dataset('data/raw', seed=42, counts={SMALL_COUNTS!r})"
+    code = f"from cwtops.data.signals import write_sample_dataset; write_sample_dataset('data/raw', seed=42, counts={SMALL_COUNTS!r})"
     for command in ([sys.executable, "-c", code], ["cwtops", "init"], ["dvc", "repro", "parity"]):
         done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=3600)
         if done.returncode != 0:

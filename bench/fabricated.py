@@ -1,6 +1,6 @@
 """A fabricated pipeline output tree (per the artifact contract), for the MLflow tests and benchmark.
 
-The tree holds a tiny but real model: a checkpoint that `tasks.model.load_checkpoint` rebuilds,
+The tree holds a tiny but real model: a checkpoint that `cwtops.model.network.load_checkpoint` rebuilds,
 its ONNX export (input "signal", output "logits", dynamic batch), parity reference and report,
 evaluation files, a split manifest over real .npy signals, fake `.dvc` files and a git commit.
 """
@@ -78,7 +78,7 @@ def _signals(root: Path, length: int) -> pd.DataFrame:
 
 
 def _model(params: dict, shape: TreeShape) -> tuple[torch.nn.Module, dict, str]:
-    from tasks.model import ModelArgs, build_model, checkpoint_dict
+    from cwtops.model.network import ModelArgs, build_model, checkpoint_dict
 
     torch.manual_seed(0)
     bank = torch.randn(shape.n_filters, shape.kernel_size) * 0.1  # the head needs at least 16 filters
@@ -146,7 +146,7 @@ def _git_commit(root: Path) -> str:
 
 def fabricate_project(root: Path, mlflow_port: int, store: Path, shape: TreeShape = TreeShape(), backend: str | None = None) -> str:
     """Write params.yaml, data, .dvc files and every artifact up to parity under `root`; returns the commit."""
-    from tasks.io import sha256_file
+    from cwtops.core.artifacts import sha256_file
 
     params = params_dict(mlflow_port, store, shape.epochs, backend)
     root.mkdir(parents=True, exist_ok=True)

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.errors import CwtopsError
-from tasks.triton_server import triton_home
+from cwtops.core.errors import CwtopsError
+from cwtops.serving.server import triton_home
 
 CLIENT_VERSION = "2.51.0"  # the tritonclient release of the bundled tritonserver 2.51
 CUDART = "nvidia-cuda-runtime-cu12"
@@ -80,7 +80,7 @@ def _pip(*args: str) -> None:
 def _install_libb64() -> None:
     if ctypes.util.find_library("b64") == LIBB64:
         return
-    from tasks.debian import ensure
+    from cwtops.services.debian import ensure
 
     ensure([DEBIAN_LIBB64], f"perf_analyzer ({LIBB64})")
 

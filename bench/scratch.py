@@ -27,7 +27,7 @@ def _git(target: Path, *args: str) -> None:
 
 def make_project(target: Path) -> Path:
     """A copy of this repository's code and pipeline definition, as its own git + DVC repo."""
-    for name in ("tasks", "flows", "bench"):
+    for name in ("cwtops", "tasks", "flows", "bench"):
         shutil.copytree(ROOT / name, target / name, ignore=shutil.ignore_patterns("__pycache__", "results"))
     for name in ("dvc.yaml", "pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, target / name)

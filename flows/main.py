@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.config import DEFAULT_PARAMS, load_params
-from tasks.paths import artifact_paths
-from tasks.project import init_project
-from tasks.services import state_dir
+from cwtops.core.config import DEFAULT_PARAMS, load_params
+from cwtops.core.paths import artifact_paths
+from cwtops.data.project import init_project
+from cwtops.services.processes import state_dir
 
 
 def prepare_environment() -> None:
@@ -21,10 +21,10 @@ def prepare_environment() -> None:
 
 def main_job(params_file: str = str(DEFAULT_PARAMS)) -> dict:
     """init -> MLflow + Triton + Prefect up -> training flow -> served prediction; returns a summary."""
+    from cwtops.registry.server import ensure_server
+    from cwtops.serving.client import classify
+    from cwtops.serving.server import start as start_triton
     from flows.serve import ensure_prefect_server
-    from tasks.tracking import ensure_server
-    from tasks.triton_client import classify
-    from tasks.triton_server import start as start_triton
 
     prepare_environment()
     params = load_params(params_file)

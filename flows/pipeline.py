@@ -4,7 +4,7 @@ then register (MLflow), promote (policy) and roll out (Triton).
 Each stage task runs its DVC stage, so `dvc.lock` stays true: after this flow `dvc status` is
 clean, and a stage that `dvc repro` already built is skipped here. By default the stage function
 runs inside the task's process (DVC still decides, restores from its run cache, and commits; see
-tasks/dvc_stage.py); `stage_mode="subprocess"` runs `dvc repro --single-item` instead.
+flows/dvc_stage.py); `stage_mode="subprocess"` runs `dvc repro --single-item` instead.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.config import DEFAULT_PARAMS, Params, load_params
-from tasks.dvc_stage import Mode, StageRun, repro_stage
-from tasks.paths import artifact_paths
-from tasks.promotion import apply_policy
+from cwtops.core.config import DEFAULT_PARAMS, Params, load_params
+from cwtops.core.paths import artifact_paths
+from cwtops.registry.promotion import apply_policy
+from cwtops.serving.rollout import RolloutOutcome, reconcile
+from flows.dvc_stage import Mode, StageRun, repro_stage
 from tasks.stages import STAGES
-from tasks.rollout import RolloutOutcome, reconcile
 
 
 @task(name="stage", task_run_name="{name}", retries=1, retry_delay_seconds=5, timeout_seconds=3600)
@@ -31,7 +31,7 @@ def stage_task(name: str, params_file: str, mode: Mode = "in_process") -> StageR
 
 @task(retries=3, retry_delay_seconds=[5, 15, 30], timeout_seconds=600)
 def register_task(params: Params) -> int:
-    from tasks.registry import register
+    from cwtops.registry.versions import register
 
     return register(params).version
 

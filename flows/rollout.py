@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from tasks.config import DEFAULT_PARAMS, load_params
-from tasks.rollout import reconcile
+from cwtops.core.config import DEFAULT_PARAMS, load_params
+from cwtops.serving.rollout import reconcile
 
 
 @flow(name="cwtops-rollout", log_prints=True, retries=0, timeout_seconds=900)

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import requests
 
-from tasks.config import DEFAULT_PARAMS, Params, load_params
-from tasks.errors import CwtopsError
-from tasks.services import state_dir
-from tasks.webhook import PATH, WebhookVerifier, make_server
+from cwtops.core.config import DEFAULT_PARAMS, Params, load_params
+from cwtops.core.errors import CwtopsError
+from cwtops.services.processes import state_dir
+from cwtops.serving.webhook import PATH, WebhookVerifier, make_server
 
 log = logging.getLogger(__name__)
 WEBHOOK_NAME = "cwtops-rollout"
@@ -64,9 +64,8 @@ def _healthy(api_url: str) -> bool:
 
 def register_mlflow_webhook(params: Params, receiver_url: str, secret: str) -> str:
     """Create or update the MLflow webhook that calls our receiver on alias creation."""
+    from cwtops.registry.server import ensure_server
     from mlflow import MlflowClient
-
-    from tasks.tracking import ensure_server
 
     client = MlflowClient(tracking_uri=ensure_server(params))
     for hook in client.list_webhooks():
@@ -102,8 +101,8 @@ def _converge_once(rollout_flow: object, params_file: str) -> None:
 
 def serve(params_file: str = str(DEFAULT_PARAMS), webhook: bool = True) -> None:
     """Run everything until interrupted."""
-    from tasks.tracking import ensure_server
-    from tasks.triton_server import start as start_triton
+    from cwtops.registry.server import ensure_server
+    from cwtops.serving.server import start as start_triton
 
     params = load_params(params_file)
     print(f"Prefect API: {ensure_prefect_server()}")  # before Prefect is imported: it reads the URL once

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks.config import BalanceConfig, Params
-from tasks.derived import AUTO, auto_val_fraction
-from tasks.data import MANIFEST_COLUMNS, read_manifest, save_manifest
-from tasks.errors import CwtopsError
-from tasks.io import write_json
-from tasks.paths import artifact_paths
+from cwtops.core.artifacts import write_json
+from cwtops.core.config import BalanceConfig, Params
+from cwtops.core.derived import AUTO, auto_val_fraction
+from cwtops.core.errors import CwtopsError
+from cwtops.core.paths import artifact_paths
+from cwtops.data.signals import MANIFEST_COLUMNS, read_manifest, save_manifest
 
 SPLIT_COLUMNS = ["sample_id", "file", "row", "label", "split"]
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
@@ -96,7 +96,7 @@ def _check_manifest(manifest: pd.DataFrame) -> None:
 
 
 def resolved_val_fraction(cfg: BalanceConfig, keep: dict[str, int], test_fraction: float) -> float:
-    """`val_fraction`, or for `auto` the carve-out that the smallest class can spare (tasks/derived.py)."""
+    """`val_fraction`, or for `auto` the carve-out that the smallest class can spare (cwtops/core/derived.py)."""
     if cfg.val_fraction != AUTO:
         return float(cfg.val_fraction)
     return auto_val_fraction({label: math.floor(n * (1 - test_fraction)) for label, n in keep.items()})

@@ -26,11 +26,11 @@ from sklearn.metrics import (  # noqa: E402
     f1_score,
 )
 
-from tasks.config import Params  # noqa: E402
-from tasks.data import SignalReader, load_signals, read_manifest  # noqa: E402
-from tasks.io import atomic_path, write_json, write_text  # noqa: E402
-from tasks.model import HybridCWTNet, load_checkpoint  # noqa: E402
-from tasks.paths import ArtifactPaths, artifact_paths  # noqa: E402
+from cwtops.core.artifacts import atomic_path, write_json, write_text  # noqa: E402
+from cwtops.core.config import Params  # noqa: E402
+from cwtops.core.paths import ArtifactPaths, artifact_paths  # noqa: E402
+from cwtops.data.signals import SignalReader, load_signals, read_manifest  # noqa: E402
+from cwtops.model.network import HybridCWTNet, load_checkpoint  # noqa: E402
 
 READ_CHUNK = 4096  # test signals read and scored at once (32 MB at 2,048 samples)
 

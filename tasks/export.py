@@ -16,14 +16,12 @@ from pathlib import Path
 import onnx
 import torch
 
-from tasks.config import Params
-from tasks.errors import CwtopsError
-from tasks.io import sha256_file, write_bytes
-from tasks.model import HybridCWTNet, load_checkpoint
-from tasks.paths import artifact_paths
-
-INPUT_NAME = "signal"
-OUTPUT_NAME = "logits"
+from cwtops.core.artifacts import sha256_file, write_bytes
+from cwtops.core.config import Params
+from cwtops.core.errors import CwtopsError
+from cwtops.core.paths import artifact_paths
+from cwtops.model.network import HybridCWTNet, load_checkpoint
+from cwtops.model.signature import INPUT_NAME, OUTPUT_NAME
 
 
 @dataclass(frozen=True)
@@ -81,11 +79,6 @@ def with_metadata(model_bytes: bytes, metadata: dict[str, str]) -> onnx.ModelPro
     proto.producer_name = "cwtops"
     onnx.checker.check_model(proto, full_check=True)
     return proto
-
-
-def read_metadata(path: Path | str) -> dict[str, str]:
-    proto = onnx.load(str(path), load_external_data=False)
-    return {entry.key: entry.value for entry in proto.metadata_props}
 
 
 def run(params: Params) -> ExportResult:

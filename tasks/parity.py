@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from tasks.config import Params, ParityConfig
-from tasks.data import load_signals, read_manifest
-from tasks.errors import CwtopsError
+from cwtops.core.artifacts import atomic_path, sha256_file, write_json
+from cwtops.core.config import Params, ParityConfig
+from cwtops.core.errors import CwtopsError
+from cwtops.core.paths import artifact_paths
+from cwtops.data.signals import load_signals, read_manifest
+from cwtops.model.network import HybridCWTNet, load_checkpoint
+from cwtops.model.signature import INPUT_NAME, OUTPUT_NAME, read_metadata
 from tasks.evaluate import predict_logits
-from tasks.export import INPUT_NAME, OUTPUT_NAME, read_metadata
-from tasks.io import atomic_path, sha256_file, write_json
-from tasks.model import HybridCWTNet, load_checkpoint
-from tasks.paths import artifact_paths
 
 REFERENCE_SIGNALS = 64  # rows of real test signals saved as the served-model reference
 

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.config import Params
-from tasks.data import load_signals, scan_raw
-from tasks.errors import CwtopsError
-from tasks.io import atomic_path, write_json
-from tasks.model import filter_bank_sha256
-from tasks.paths import artifact_paths
-from tasks.weights import fit_warnings, fitted_filter_bank, is_default_bank, parse_weight_file
+from cwtops.core.artifacts import atomic_path, write_json
+from cwtops.core.config import Params
+from cwtops.core.errors import CwtopsError
+from cwtops.core.paths import artifact_paths
+from cwtops.data.signals import load_signals, scan_raw
+from cwtops.data.weights import fit_warnings, fitted_filter_bank, is_default_bank, parse_weight_file
+from cwtops.model.network import filter_bank_sha256
 
 log = logging.getLogger(__name__)
 

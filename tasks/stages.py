@@ -6,8 +6,8 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-from tasks.config import Params
-from tasks.errors import CwtopsError
+from cwtops.core.config import Params
+from cwtops.core.errors import CwtopsError
 
 # Order is the pipeline's order; dvc.yaml declares the same stages.
 STAGES: tuple[str, ...] = ("parse", "balance", "train", "evaluate", "export", "parity", "track")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -25,19 +24,20 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
-from tasks.config import Params, flatten
-from tasks.errors import CwtopsError
-from tasks.io import sha256_file, write_json
-from tasks.paths import ArtifactPaths, artifact_paths
-from tasks.tracking import bounded_client_retries, ensure_server, is_connection_error, require_reachable, unreachable
+from cwtops.core.artifacts import write_json
+from cwtops.core.config import Params, flatten
+from cwtops.core.errors import CwtopsError
+from cwtops.core.paths import ArtifactPaths, artifact_paths
+from cwtops.registry.lineage import lineage
+from cwtops.registry.server import bounded_client_retries, ensure_server, is_connection_error, require_reachable, unreachable
 
 if TYPE_CHECKING:  # torch and matplotlib load only when figures are drawn: `register` imports lineage from here
     import torch
     from matplotlib.figure import Figure
-    from mlflow import MlflowClient
     from mlflow.entities import Metric
+
+    from mlflow import MlflowClient
 
 RUN_ENV = "CWTOPS_MLFLOW_RUN_ID"
 MAX_ENTITIES_PER_BATCH = 1000  # MLflow's log_batch limits (metrics: 1000 as well)
@@ -55,54 +55,6 @@ class TrackResult:
     run_url: str
     created: bool  # False when the run came from CWTOPS_MLFLOW_RUN_ID
     seconds: float
-
-
-# ---------------------------------------------------------------- lineage
-
-
-def dvc_hash(dvc_file: Path) -> str:
-    """`outs[0].md5` of a `.dvc` file ("untracked" when the file is absent or has none)."""
-    try:
-        return str(yaml.safe_load(dvc_file.read_text())["outs"][0]["md5"])
-    except (OSError, KeyError, IndexError, TypeError, yaml.YAMLError):
-        return "untracked"
-
-
-def _git(root: Path, *args: str) -> str | None:
-    try:
-        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
-def git_commit(root: Path = Path(".")) -> str:
-    """`git rev-parse HEAD`, or "unknown" outside a repository."""
-    return _git(root, "rev-parse", "HEAD") or "unknown"
-
-
-def git_dirty(root: Path = Path(".")) -> str:
-    """"true" when tracked files differ from HEAD (dvc.lock excluded: a repro rewrites it)."""
-    changes = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock")
-    return "unknown" if changes is None else str(bool(changes)).lower()
-
-
-def _dvc_file(path: Path) -> Path:
-    return path.with_name(path.name + ".dvc")
-
-
-def lineage(params: Params) -> dict[str, str]:
-    """Where a model came from: data, weights, split, filter bank, code (run and version tags)."""
-    paths = artifact_paths(params)
-    bank = json.loads(paths.filter_bank_summary.read_text())
-    return {
-        "data_dvc_md5": dvc_hash(_dvc_file(Path(params.base.raw_dir))),
-        "weights_dvc_md5": dvc_hash(_dvc_file(Path(params.base.weights))),
-        "split_manifest_sha256": sha256_file(paths.split_manifest),
-        "filter_bank_sha256": str(bank["sha256"]),
-        "git_commit": git_commit(),
-        "git_dirty": git_dirty(),
-    }
 
 
 # ---------------------------------------------------------------- metrics (pure)
@@ -251,7 +203,7 @@ def gallery_examples(
     params: Params, classes: list[str], per_class: int = GALLERY_PER_CLASS
 ) -> dict[str, np.ndarray]:
     """The first `per_class` test signals of each class, read through the split manifest."""
-    from tasks.data import load_signals
+    from cwtops.data.signals import load_signals
 
     manifest = pd.read_csv(artifact_paths(params).split_manifest)
     test = manifest[manifest["split"] == "test"]
@@ -263,7 +215,7 @@ def gallery_examples(
 
 
 def _checkpoint_gallery(params: Params) -> Figure:
-    from tasks.model import load_checkpoint
+    from cwtops.model.network import load_checkpoint
 
     model, checkpoint = load_checkpoint(artifact_paths(params).model)
     # `scalogram` is the front-end applied to the standardised signal: what the head sees.
@@ -366,9 +318,10 @@ def _log_files(client: MlflowClient, run_id: str, paths: ArtifactPaths) -> None:
 
 def _log_training_data(client: MlflowClient, run_id: str, params: Params, paths: ArtifactPaths, data_hash: str) -> None:
     """The split manifest's train rows as an MLflow dataset: source = raw dir, digest = DVC hash."""
-    import mlflow
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    import mlflow
 
     manifest = pd.read_csv(paths.split_manifest)
     raw_dir = Path(params.base.raw_dir)
@@ -427,11 +380,3 @@ def _log_and_close(
         raise
     if created:  # an orchestrator's run is ended by the orchestrator
         client.set_terminated(run_id, "FINISHED")
-
-
-def load_run(params: Params) -> dict:
-    """artifacts/track/run.json (run_id, experiment_id, tracking_uri, run_url)."""
-    path = artifact_paths(params).track_run
-    if not path.exists():
-        raise CwtopsError(f"{path}: no tracked run; run the track stage (`dvc repro track`) first")
-    return json.loads(path.read_text())

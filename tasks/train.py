@@ -2,7 +2,7 @@
 
 AdamW + a one-cycle cosine schedule, shift (and optional mixup) augmentation on the scalogram,
 seeded, resumable from the last epoch. The schedule, hop and validation policy follow the data
-(`auto` in params.yaml, tasks/derived.py). With a validation split the best epoch is chosen by
+(`auto` in params.yaml, cwtops/core/derived.py). With a validation split the best epoch is chosen by
 validation macro-F1 (early stopping after `patience` epochs without a gain); without one, every
 training signal is used and the epoch with the lowest training loss is kept.
 The front-end is frozen, so for a set whose scalograms fit in memory they are computed once and
@@ -29,15 +29,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from tasks.config import Params, TrainConfig
-from tasks.data import SignalReader, load_signals, read_manifest
-from tasks.distributed import SINGLE_PROCESS, World, close_world, init_world, shard, sync_buffers, threads_per_rank, wrap_head
-from tasks.errors import CwtopsError
-from tasks.io import atomic_path, sha256_file, write_json
-from tasks.derived import WIDE_CHANNELS, WIDE_HIDDEN, TrainSettings, train_settings
-from tasks.model import HybridCWTNet, ModelArgs, checkpoint_dict, head_flops, trainable_parameters
+from cwtops.core.artifacts import atomic_path, sha256_file, write_json
+from cwtops.core.config import Params, TrainConfig
+from cwtops.core.derived import WIDE_CHANNELS, WIDE_HIDDEN, TrainSettings, train_settings
+from cwtops.core.errors import CwtopsError
+from cwtops.core.paths import ArtifactPaths, artifact_paths
+from cwtops.data.signals import SignalReader, load_signals, read_manifest
+from cwtops.model.distributed import SINGLE_PROCESS, World, close_world, init_world, shard, sync_buffers, threads_per_rank, wrap_head
+from cwtops.model.network import HybridCWTNet, ModelArgs, checkpoint_dict, head_flops, trainable_parameters
 from tasks.parse import load_filter_bank
-from tasks.paths import ArtifactPaths, artifact_paths
 
 log = logging.getLogger(__name__)
 SAVE_SECONDS = 0.0  # every epoch: a killed run resumes from its last finished epoch

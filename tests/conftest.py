@@ -50,7 +50,7 @@ def project(tmp_path_factory: pytest.TempPathFactory, services_env: dict) -> Pat
     params = small_params(free_port(), (free_port(), free_port(), free_port()))
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     code = (
-        "from tasks.data import write_sample_dataset; "
+        "from cwtops.data.signals import write_sample_dataset; "
         f"write_sample_dataset('data/raw', seed=42, counts={SMALL_COUNTS!r})"
     )
     run([sys.executable, "-c", code], root, services_env)
@@ -103,14 +103,14 @@ def harness():
 @pytest.fixture()
 def params(in_project: Path):
     """The built project's params, loaded from inside it."""
-    from tasks.config import load_params
+    from cwtops.core.config import load_params
 
     return load_params()
 
 
 def new_version(params) -> int:
     """A new registry version: a new tracked run of the same artifacts, registered (what a retrain gives)."""
-    from tasks.registry import register
+    from cwtops.registry.versions import register
     from tasks.track import run as track_run
 
     track_run(params)
@@ -121,7 +121,7 @@ def wait_served(params, version: int, timeout: float, url: str | None = None) ->
     """Seconds until Triton serves `version` (a server that is restarting counts as not yet)."""
     import time
 
-    from tasks.triton_publish import served_version
+    from cwtops.serving.publish import served_version
 
     started = time.monotonic()
     while time.monotonic() - started < timeout:

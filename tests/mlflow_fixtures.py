@@ -53,8 +53,8 @@ def postgres_cluster() -> Iterator[Cluster]:
 def mlflow_test_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowTestServer]:
     """A real `mlflow server` on a free 127.0.0.1 port, artifacts in a tmp dir, its store SQLite or
     PostgreSQL: every test that uses it runs on both."""
-    from tasks.config import params_from_dict
-    from tasks.tracking import start, stop
+    from cwtops.core.config import params_from_dict
+    from cwtops.registry.server import start, stop
 
     port, store, state = free_port(), tmp_path_factory.mktemp("mlflow-store"), tmp_path_factory.mktemp("state")
     cluster = request.getfixturevalue("postgres_cluster") if request.param == "postgresql" else None

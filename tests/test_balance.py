@@ -8,11 +8,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from cwtops.core.config import BalanceConfig, params_from_dict
+from cwtops.core.errors import CwtopsError
+from cwtops.core.paths import artifact_paths
+from cwtops.data.signals import read_manifest, save_manifest
 from tasks.balance import balance_manifest, cap_limit, capped_counts, run, split_counts, split_sizes
-from tasks.config import BalanceConfig, params_from_dict
-from tasks.data import read_manifest, save_manifest
-from tasks.errors import CwtopsError
-from tasks.paths import artifact_paths
 
 COUNTS = {"a": 1000, "b": 400, "c": 120, "d": 60, "e": 20}
 # The original workflow's capped balancing, without the floor that keeps small datasets whole.

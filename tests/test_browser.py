@@ -76,10 +76,9 @@ def _save_alias_in_the_ui(driver: object, mlflow_url: str, model: str, version: 
 def test_production_alias_saved_in_the_mlflow_ui_is_served_by_triton(harness, in_project: Path, params, browser: object,
                                                                        triton_server: str, mlflow_server: str,
                                                                        tmp_path: Path) -> None:
-    from mlflow import MlflowClient
-
+    from cwtops.serving.rollout import reconcile
     from flows.serve import register_mlflow_webhook, start_receiver
-    from tasks.rollout import reconcile
+    from mlflow import MlflowClient
 
     reconcile(params)  # start from a converged state
     newer = new_version(params)

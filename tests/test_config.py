@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.config import flatten, load_params, params_from_dict
-from tasks.errors import CwtopsError
+from cwtops.core.config import flatten, load_params, params_from_dict
+from cwtops.core.errors import CwtopsError
 
 
 def test_shipped_params_validate() -> None:
@@ -34,7 +34,7 @@ def test_code_defaults_equal_the_shipped_params_yaml() -> None:
     """A section left out of params.yaml behaves exactly as the shipped file says."""
     from pathlib import Path
 
-    from tasks.config import Params, load_params
+    from cwtops.core.config import Params, load_params
 
     shipped = load_params(Path(__file__).resolve().parent.parent / "params.yaml").model_dump(mode="json")
     assert Params().model_dump(mode="json") == shipped

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 import torch
 
-from tasks import data as data_module
-from tasks.data import (
+from cwtops.data import signals as data_module
+from cwtops.data.signals import (
     SAMPLE_COUNTS,
     DataError,
     SignalDataset,

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from tasks import derived
+from cwtops.core import derived
+from cwtops.core.config import BalanceConfig, params_from_dict
+from cwtops.data.weights import fit_warnings, fitted_filter_bank, generate_filter_bank, is_default_bank
+from cwtops.model.network import HybridCWTNet, ModelArgs
 from tasks.balance import balance_manifest
-from tasks.config import BalanceConfig, params_from_dict
-from tasks.model import HybridCWTNet, ModelArgs
-from tasks.weights import fit_warnings, fitted_filter_bank, generate_filter_bank, is_default_bank
 from tests.test_balance import manifest
 
 

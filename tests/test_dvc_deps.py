@@ -1,4 +1,4 @@
-"""dvc.yaml's code dependencies cannot drift: each stage lists every tasks/ module its code imports."""
+"""dvc.yaml's code dependencies cannot drift: each stage lists every module of tasks/ and cwtops/ its code imports."""
 
 from __future__ import annotations
 
@@ -10,20 +10,51 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+CODE_ROOTS = ("tasks", "cwtops")
+
+
+def source_file(module: str) -> Path | None:
+    base = ROOT / module.replace(".", "/")
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.exists():
+            return path
+    return None
+
+
+def _parents(module: str) -> list[str]:
+    parts = module.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _runs_code(path: Path) -> bool:
+    """False for a package __init__.py that holds only its docstring (editing it changes no result)."""
+    body = ast.parse(path.read_text()).body
+    return not all(isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) for node in body)
+
+
+def code_deps(stage: str) -> set[str]:
+    """What dvc.yaml must list for a stage: every source file its module reaches that runs code."""
+    files = (source_file(module) for module in imported_modules(f"tasks.{stage}"))
+    return {str(path.relative_to(ROOT)) for path in files if path is not None and _runs_code(path)}
 
 
 def imported_modules(module: str, seen: set[str] | None = None) -> set[str]:
-    """tasks/ files reachable from `module` through imports, lazy ones inside functions included."""
+    """Files of tasks/ and cwtops/ reachable from `module` through imports, lazy ones inside functions
+    included (a package's __init__.py counts: importing a submodule runs it)."""
     seen = set() if seen is None else seen
-    path = ROOT / (module.replace(".", "/") + ".py")
-    if module in seen or not path.exists():
+    path = source_file(module)
+    if module in seen or path is None:
         return seen
     seen.add(module)
     for node in ast.walk(ast.parse(path.read_text())):
-        names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else (
-            [alias.name for alias in node.names] if isinstance(node, ast.Import) else [])
+        if isinstance(node, ast.ImportFrom) and node.module:  # `from package import module` reaches the module
+            names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+        else:
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
         for name in names:
-            if name.split(".")[0] == "tasks":
+            if name.split(".")[0] in CODE_ROOTS:
+                for parent in _parents(name):
+                    imported_modules(parent, seen)
                 imported_modules(name, seen)
     return seen
 
@@ -37,8 +68,8 @@ def test_dvc_yaml_declares_the_stages_in_the_order_the_code_runs_them() -> None:
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_stage_lists_every_module_it_imports(stage: str) -> None:
-    needed = {module.replace(".", "/") + ".py" for module in imported_modules(f"tasks.{stage}")}
-    listed = {dep for dep in STAGES[stage]["deps"] if dep.startswith("tasks/")}
+    needed = code_deps(stage)
+    listed = {dep for dep in STAGES[stage]["deps"] if dep.split("/")[0] in CODE_ROOTS}
     assert needed - listed == set(), f"dvc.yaml stage {stage} misses code it imports"
     assert listed - needed == set(), f"dvc.yaml stage {stage} lists code it does not import"
 
@@ -50,7 +81,7 @@ def test_editing_a_module_marks_exactly_the_stages_that_import_it(built_project:
 
     from tests.conftest import BIN, run
 
-    module = "tasks/derived.py"
+    module = "cwtops/core/derived.py"
     importers = {stage for stage, spec in STAGES.items() if module in spec["deps"]}
     assert importers and importers != set(STAGES)
     path = built_project / module

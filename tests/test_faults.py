@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 
 def _status(params, version: int) -> str | None:
-    from tasks.registry import list_versions
+    from cwtops.registry.versions import list_versions
 
     return next((e.get("deployment_status") for e in list_versions(params) if int(e["version"]) == version), None)
 
@@ -30,10 +30,10 @@ def test_triton_killed_during_rollout_under_load_then_restarted_converges(in_pro
     of Triton's restart; the interrupted rollout completes on the next pass."""
     import numpy as np
 
-    from tasks.registry import promote
-    from tasks.rollout import reconcile
-    from tasks.triton_client import connect, infer
-    from tasks.triton_server import TRITON
+    from cwtops.registry.versions import promote
+    from cwtops.serving.client import connect, infer
+    from cwtops.serving.rollout import reconcile
+    from cwtops.serving.server import TRITON
 
     reference = np.load(in_project / "artifacts/parity/reference.npz")
     signals, expected = reference["inputs"][:4], reference["outputs"][:4]  # every version here is this export
@@ -102,8 +102,8 @@ def test_mlflow_down_while_registering_then_rerun_registers_without_retraining(
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    from cwtops.registry.versions import list_versions
     from flows.pipeline import train_flow
-    from tasks.registry import list_versions
 
     before = max((int(e["version"]) for e in list_versions(params)), default=0)
     lock = (in_project / "dvc.lock").read_text()
@@ -129,8 +129,8 @@ def test_reconciler_alone_rolls_out_within_90_seconds_under_serve(in_project: Pa
                                                                     triton_server: str, services_env: dict,
                                                                     tmp_path: Path) -> None:
     """`cwtops serve --no-webhook`: the scheduled reconciler (every 60 s) is the only path."""
-    from tasks.registry import promote
-    from tasks.rollout import reconcile
+    from cwtops.registry.versions import promote
+    from cwtops.serving.rollout import reconcile
 
     promote(params, new_version(params))
     serving = reconcile(params).served  # production is what serves: the start-up pass has nothing to do
@@ -185,8 +185,8 @@ def test_serve_stops_within_10_seconds_of_sigterm_with_a_service_gone(down: str,
     for minutes. `cwtops serve` exits within 10 s anyway and says what it could not clean up. With
     MLflow gone, the scheduled reconcile fails, serving goes on with the version it has, and
     SIGTERM still ends `cwtops serve` in time; the same with Triton gone."""
-    from tasks.registry import promote
-    from tasks.triton_publish import served_version
+    from cwtops.registry.versions import promote
+    from cwtops.serving.publish import served_version
 
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"

@@ -45,7 +45,7 @@ def test_train_flow_serves_a_version_and_leaves_dvc_clean(harness, in_project: P
 
 def test_flow_stage_in_process_matches_dvc_repro(in_project: Path, services_env: dict) -> None:
     """The in-process path writes the same dvc.lock entry as `dvc repro` running the stage's command."""
-    from tasks.dvc_stage import repro_stage
+    from flows.dvc_stage import repro_stage
 
     lock = (in_project / "dvc.lock").read_text()
     run([str(BIN / "dvc"), "repro", "--force", "--single-item", "evaluate"], in_project, services_env)
@@ -60,8 +60,8 @@ def test_flow_stage_in_process_matches_dvc_repro(in_project: Path, services_env:
 
 
 def test_webhook_promotion_rolls_out_within_15_seconds(harness, in_project: Path, params, triton_server: str, mlflow_server: str) -> None:
+    from cwtops.serving.rollout import reconcile
     from flows.serve import register_mlflow_webhook, start_receiver
-    from tasks.rollout import reconcile
 
     reconcile(params)  # start from a converged state
     newer = new_version(params)
@@ -85,9 +85,9 @@ def test_reconciler_converges_without_webhook_under_steady_load(in_project: Path
 
     import numpy as np
 
-    from tasks.registry import promote
-    from tasks.rollout import reconcile
-    from tasks.triton_client import connect, infer
+    from cwtops.registry.versions import promote
+    from cwtops.serving.client import connect, infer
+    from cwtops.serving.rollout import reconcile
 
     signal = np.load(in_project / "artifacts/parity/reference.npz")["inputs"][:1]
     newer = new_version(params)
@@ -125,12 +125,11 @@ def test_reconciler_converges_without_webhook_under_steady_load(in_project: Path
 
 
 def test_version_with_corrupted_onnx_is_not_rolled_out(in_project: Path, params, triton_server: str) -> None:
+    from cwtops.registry.server import tracking_uri
+    from cwtops.registry.versions import promote, resolve_version
+    from cwtops.serving.publish import served_version
+    from cwtops.serving.rollout import reconcile
     from mlflow import MlflowClient
-
-    from tasks.registry import promote, resolve_version
-    from tasks.rollout import reconcile
-    from tasks.tracking import tracking_uri
-    from tasks.triton_publish import served_version
 
     serving = served_version(params, triton_server) or resolve_version(params, None)
     bad = new_version(params)

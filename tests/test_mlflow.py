@@ -19,8 +19,8 @@ import requests
 import torch
 import yaml
 
-from tasks.errors import CwtopsError
-from tasks.io import sha256_file
+from cwtops.core.artifacts import sha256_file
+from cwtops.core.errors import CwtopsError
 from tests.mlflow_fixtures import (  # noqa: F401 - fixtures
     DATA_MD5,
     EPOCHS,
@@ -94,8 +94,8 @@ def test_gallery_has_a_row_per_class_and_uses_the_given_front_end() -> None:
 def test_lineage_reads_dvc_hashes_and_file_digests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import yaml
 
-    from tasks.config import params_from_dict
-    from tasks.track import lineage
+    from cwtops.core.config import params_from_dict
+    from cwtops.registry.lineage import lineage
 
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "raw.dvc").write_text(yaml.safe_dump({"outs": [{"md5": DATA_MD5, "path": "raw"}]}))
@@ -113,7 +113,7 @@ def test_lineage_reads_dvc_hashes_and_file_digests(tmp_path: Path, monkeypatch: 
 
 
 def _parity_tree(root: Path, passed: bool, sha: str | None = None) -> Path:
-    from tasks.paths import ArtifactPaths
+    from cwtops.core.paths import ArtifactPaths
 
     paths = ArtifactPaths(root)
     paths.onnx.parent.mkdir(parents=True)
@@ -125,8 +125,8 @@ def _parity_tree(root: Path, passed: bool, sha: str | None = None) -> Path:
 
 
 def test_checked_parity_refuses_failed_or_changed_exports(tmp_path: Path) -> None:
-    from tasks.paths import ArtifactPaths
-    from tasks.registry import checked_parity
+    from cwtops.core.paths import ArtifactPaths
+    from cwtops.registry.versions import checked_parity
 
     with pytest.raises(CwtopsError, match="parity did not pass.*batch-7"):
         checked_parity(ArtifactPaths(_parity_tree(tmp_path / "failed", passed=False)))
@@ -139,7 +139,7 @@ def test_checked_parity_refuses_failed_or_changed_exports(tmp_path: Path) -> Non
 
 
 def test_version_tags_and_description_carry_metrics_and_lineage() -> None:
-    from tasks.registry import version_description, version_tags
+    from cwtops.registry.versions import version_description, version_tags
 
     lineage = {"data_dvc_md5": DATA_MD5, "weights_dvc_md5": WEIGHTS_MD5, "git_commit": "abc123"}
     metrics = {"accuracy": 0.9, "macro_f1": 0.875, "n_test": 40}
@@ -152,7 +152,7 @@ def test_version_tags_and_description_carry_metrics_and_lineage() -> None:
 
 
 def test_unreachable_uri_fails_after_backoff_with_the_uri() -> None:
-    from tasks.tracking import require_reachable
+    from cwtops.registry.server import require_reachable
 
     dead = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
@@ -162,7 +162,7 @@ def test_unreachable_uri_fails_after_backoff_with_the_uri() -> None:
 
 
 def test_with_retries_repeats_connection_errors_only() -> None:
-    from tasks.tracking import with_retries
+    from cwtops.registry.server import with_retries
 
     calls = []
 
@@ -181,8 +181,8 @@ def test_with_retries_repeats_connection_errors_only() -> None:
 
 def test_a_database_store_is_checked_before_the_server_starts_and_its_password_never_shown(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasks.config import params_from_dict
-    from tasks.tracking import check_database, masked, server_command, server_env
+    from cwtops.core.config import params_from_dict
+    from cwtops.registry.server import check_database, masked, server_command, server_env
 
     uri = f"postgresql://mlflow:hunter2@127.0.0.1:{free_port()}/mlflow"  # nothing listens there
     with pytest.raises(CwtopsError, match="cannot reach the MLflow database") as refused:
@@ -203,8 +203,9 @@ def test_a_database_store_is_checked_before_the_server_starts_and_its_password_n
 @pytest.fixture(scope="module")
 def registered(fabricated_tree: FabricatedProject, mlflow_test_server: MlflowTestServer) -> dict:
     """track + register once for the module (the pipeline's last two steps)."""
-    from tasks import registry, track
-    from tasks.config import load_params
+    from cwtops.core.config import load_params
+    from cwtops.registry import versions as registry
+    from tasks import track
 
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(fabricated_tree.root)
@@ -225,7 +226,7 @@ def _client(uri: str):  # noqa: ANN202
 
 @pytest.mark.slow
 def test_run_mirrors_params_epochs_figures_reports_and_lineage(registered: dict, in_fabricated: FabricatedProject) -> None:
-    from tasks.config import flatten
+    from cwtops.core.config import flatten
 
     run_id = registered["track"].run_id
     assert json.loads(Path("artifacts/track/run.json").read_text())["run_id"] == run_id
@@ -261,7 +262,7 @@ def test_mirrored_figure_is_a_png_drawn_from_the_files(registered: dict, in_fabr
 def test_version_carries_lineage_and_the_parity_checked_onnx(registered: dict, in_fabricated: FabricatedProject, tmp_path: Path) -> None:
     import onnxruntime as ort
 
-    from tasks.registry import download_version, register
+    from cwtops.registry.versions import download_version, register
 
     params, first = registered["params"], registered["register"]
     assert first.created
@@ -288,8 +289,8 @@ def test_version_carries_lineage_and_the_parity_checked_onnx(registered: dict, i
 def test_promote_sets_the_alias_the_ui_sets(registered: dict, in_fabricated: FabricatedProject) -> None:
     from typer.testing import CliRunner
 
-    from tasks.cli import app
-    from tasks.registry import list_versions, production_version, promote, resolve_version, set_version_tags
+    from cwtops.cli.app import app
+    from cwtops.registry.versions import list_versions, production_version, promote, resolve_version, set_version_tags
 
     params, version = registered["params"], registered["register"].version
     assert production_version(params) in (None, version)
@@ -316,7 +317,7 @@ def _versions(uri: str, name: str) -> list[str]:
 
 @pytest.mark.slow
 def test_failed_parity_is_never_registered(registered: dict, in_fabricated: FabricatedProject) -> None:
-    from tasks.registry import register
+    from cwtops.registry.versions import register
 
     params = registered["params"]
     report_path = Path("artifacts/parity/report.json")
@@ -336,8 +337,8 @@ def test_failed_parity_is_never_registered(registered: dict, in_fabricated: Fabr
 
 @pytest.mark.slow
 def test_unreachable_mlflow_fails_cleanly_and_touches_nothing(registered: dict, in_fabricated: FabricatedProject, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cwtops.registry.versions import register
     from tasks import track
-    from tasks.registry import register
 
     files = sorted(p for p in Path("artifacts").rglob("*") if p.is_file())
     before = {p: sha256_file(p) for p in files}
@@ -418,10 +419,12 @@ def test_server_delivers_alias_webhooks_to_a_receiver_on_127_0_0_1(registered: d
 def test_rollout_serves_the_production_alias_and_follows_it(registered: dict, in_fabricated: FabricatedProject,
                                                            mlflow_test_server: MlflowTestServer, tmp_path: Path) -> None:
     """The reconciler against a real Triton, with the registry on this backend (SQLite or PostgreSQL)."""
-    from tasks import registry, track, triton_server
-    from tasks.config import params_from_dict
-    from tasks.rollout import reconcile
-    from tasks.triton_publish import served_version
+    from cwtops.core.config import params_from_dict
+    from cwtops.registry import versions as registry
+    from cwtops.serving import server as triton_server
+    from cwtops.serving.publish import served_version
+    from cwtops.serving.rollout import reconcile
+    from tasks import track
 
     settings = yaml.safe_load((in_fabricated.root / "params.yaml").read_text())
     settings["triton"] = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port(),
@@ -461,7 +464,8 @@ def test_register_through_a_postgresql_restart_is_retried_or_refused_never_half_
     description, ONNX), or the command fails naming the server; a rerun then leaves exactly one."""
     import threading
 
-    from tasks import registry, track
+    from cwtops.registry import versions as registry
+    from tasks import track
 
     params, cluster = registered["params"], mlflow_test_server.cluster
     assert cluster is not None
@@ -510,8 +514,8 @@ def test_server_lifecycle_with_s3_artifacts(tmp_path: Path, monkeypatch: pytest.
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from tasks import tracking
-    from tasks.config import params_from_dict
+    from cwtops.core.config import params_from_dict
+    from cwtops.registry import server as tracking
 
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port())
     moto.start()

@@ -7,8 +7,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from tasks.export import INPUT_NAME, OUTPUT_NAME, onnx_bytes
-from tasks.model import (
+from cwtops.model.network import (
     CWTFrontEnd,
     HybridCWTNet,
     ModelArgs,
@@ -17,7 +16,9 @@ from tasks.model import (
     load_checkpoint,
     trainable_parameters,
 )
-from tasks.reference import PerLayerFrontEnd
+from cwtops.model.reference import PerLayerFrontEnd
+from cwtops.model.signature import INPUT_NAME, OUTPUT_NAME
+from tasks.export import onnx_bytes
 
 
 def random_bank(seed: int, n_filters: int = 112) -> tuple[list[np.ndarray], torch.Tensor]:
@@ -183,7 +184,7 @@ def test_1d_head_checkpoint_round_trip_and_old_checkpoints_stay_2d(tmp_path) -> 
 
 
 def test_parity_judges_each_logit_against_atol_plus_rtol_times_its_size() -> None:
-    from tasks.config import ParityConfig
+    from cwtops.core.config import ParityConfig
     from tasks.parity import compare
 
     cfg = ParityConfig(atol=1e-4, rtol=1e-3)

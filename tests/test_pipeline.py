@@ -77,10 +77,11 @@ def test_export_from_a_different_filter_bank_fails_parity(in_project: Path, serv
     import onnx
     import torch
 
-    from tasks.config import load_params
-    from tasks.errors import CwtopsError
-    from tasks.export import onnx_bytes, with_metadata, read_metadata
-    from tasks.model import load_checkpoint
+    from cwtops.core.config import load_params
+    from cwtops.core.errors import CwtopsError
+    from cwtops.model.network import load_checkpoint
+    from cwtops.model.signature import read_metadata
+    from tasks.export import onnx_bytes, with_metadata
     from tasks.parity import run as parity_run
 
     onnx_path = in_project / "artifacts/export/model.onnx"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import threading
 import time
 
-from tasks.config import RolloutConfig
-from tasks.promotion import should_promote
-from tasks.rollout import rollout_lock
+from cwtops.core.config import RolloutConfig
+from cwtops.registry.promotion import should_promote
+from cwtops.serving.rollout import rollout_lock
 
 
 def test_manual_never_promotes() -> None:
@@ -44,9 +44,9 @@ def test_second_rollout_waits_for_the_first(tmp_path, monkeypatch) -> None:
 def test_a_reconcile_pass_with_mlflow_unreachable_fails_instead_of_reporting_nothing_to_do(tmp_path, monkeypatch) -> None:
     import pytest
 
-    from tasks.config import params_from_dict
-    from tasks.rollout import reconcile
-    from tasks.tracking import TrackingUnreachable
+    from cwtops.core.config import params_from_dict
+    from cwtops.registry.server import TrackingUnreachable
+    from cwtops.serving.rollout import reconcile
     from tests.mlflow_fixtures import free_port
 
     monkeypatch.setenv("CWTOPS_STATE_DIR", str(tmp_path))

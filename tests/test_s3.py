@@ -24,8 +24,8 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from bench.scratch import free_port
-from tasks.config import Params, params_from_dict
-from tasks.errors import CwtopsError
+from cwtops.core.config import Params, params_from_dict
+from cwtops.core.errors import CwtopsError
 from tests.conftest import run
 from tests.test_triton import export_tiny_model, make_params, write_reference
 
@@ -82,7 +82,7 @@ def _assert_no_secret(*folders: Path) -> None:
 
 
 def test_s3_locations_parse_and_bad_ones_are_refused_with_the_fix() -> None:
-    from tasks.s3 import S3Location, parse_s3_url, triton_url
+    from cwtops.core.s3 import S3Location, parse_s3_url, triton_url
 
     assert parse_s3_url("s3://models/prod/repo/") == S3Location("models", "prod/repo")
     assert parse_s3_url("s3://models").key("cwtops", "1", "model.onnx") == "cwtops/1/model.onnx"
@@ -104,7 +104,7 @@ def test_s3_locations_parse_and_bad_ones_are_refused_with_the_fix() -> None:
 
 
 def test_a_missing_bucket_is_named_before_any_server_starts(moto: Moto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasks import tracking
+    from cwtops.registry import server as tracking
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto.endpoint)
     monkeypatch.setenv("CWTOPS_STATE_DIR", str(tmp_path / "state"))
@@ -116,7 +116,7 @@ def test_a_missing_bucket_is_named_before_any_server_starts(moto: Moto, tmp_path
 
 
 def test_an_upload_that_reads_back_other_bytes_is_removed(moto: Moto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasks import s3 as s3_helpers
+    from cwtops.core import s3 as s3_helpers
 
     path = tmp_path / "model.onnx"
     path.write_bytes(np.random.default_rng(1).bytes(10_000))
@@ -166,9 +166,8 @@ def test_dvc_push_then_pull_into_an_empty_cache_gives_the_same_bytes(moto: Moto,
 @slow
 def test_mlflow_artifacts_are_proxied_to_s3_and_come_back_identical(moto: Moto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow
+    from cwtops.registry import server as tracking
     from mlflow import MlflowClient
-
-    from tasks import tracking
 
     monkeypatch.setenv("CWTOPS_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto.endpoint)  # the standard variable; the server gets MLflow's own
@@ -215,7 +214,7 @@ class TritonOnS3:
 @pytest.fixture(scope="module")
 def s3_triton(moto: Moto, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonOnS3]:
     """A real tritonserver whose model repository is `s3://cwtops-test/triton/repo` on moto."""
-    from tasks.triton_server import start, stop
+    from cwtops.serving.server import start, stop
 
     root = tmp_path_factory.mktemp("triton-s3")
     a, b = export_tiny_model(root / "a.onnx", 0), export_tiny_model(root / "b.onnx", 1)
@@ -233,7 +232,7 @@ def s3_triton(moto: Moto, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 def _served_logits(server: TritonOnS3, onnx_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    from tasks.triton_client import infer
+    from cwtops.serving.client import infer
 
     signals = np.load(server.reference_a)["inputs"]
     expected = ort.InferenceSession(str(onnx_path)).run(None, {"signal": signals})[0]
@@ -242,8 +241,8 @@ def _served_logits(server: TritonOnS3, onnx_path: Path) -> tuple[np.ndarray, np.
 
 @slow
 def test_triton_loads_a_version_published_to_s3_and_serves_it(s3_triton: TritonOnS3, moto: Moto) -> None:
-    from tasks.triton_publish import publish_version, served_versions
-    from tasks.triton_server import _record_file
+    from cwtops.serving.publish import publish_version, served_versions
+    from cwtops.serving.server import _record_file
 
     result = publish_version(s3_triton.a, 1, s3_triton.params, reference=s3_triton.reference_a, url=s3_triton.url)
     assert result.created and result.served_max_abs_error is not None and result.served_max_abs_error < 1e-5
@@ -263,8 +262,8 @@ def test_triton_loads_a_version_published_to_s3_and_serves_it(s3_triton: TritonO
 
 @slow
 def test_s3_rollout_retires_the_old_version_and_a_failed_one_is_rolled_back(s3_triton: TritonOnS3, moto: Moto) -> None:
-    from tasks.cli_triton import next_version_on_disk
-    from tasks.triton_publish import publish_version, served_versions
+    from cwtops.cli.triton import next_version_on_disk
+    from cwtops.serving.publish import publish_version, served_versions
 
     config_key = f"{s3_triton.prefix}/tiny/config.pbtxt"
     publish_version(s3_triton.b, 2, s3_triton.params, reference=s3_triton.reference_b, url=s3_triton.url)
@@ -286,8 +285,8 @@ def test_s3_rollout_retires_the_old_version_and_a_failed_one_is_rolled_back(s3_t
 
 @slow
 def test_a_restarted_triton_serves_what_the_s3_repository_holds(s3_triton: TritonOnS3, moto: Moto) -> None:
-    from tasks.triton_publish import served_versions
-    from tasks.triton_server import repository_location, start, stop
+    from cwtops.serving.publish import served_versions
+    from cwtops.serving.server import repository_location, start, stop
 
     location, models = repository_location(s3_triton.params)
     assert location == f"s3://{moto.endpoint}/{BUCKET}/{s3_triton.prefix}" and models == ["tiny"]

@@ -13,11 +13,12 @@ import pytest
 import torch
 import yaml
 
-from tasks import balance, derived, parse, train
-from tasks.config import params_from_dict
-from tasks.data import DataError, SignalReader, equal_counts, read_manifest, write_sample_dataset
-from tasks.distributed import World
-from tasks.weights import generate_filter_bank, write_weight_file
+from cwtops.core import derived
+from cwtops.core.config import params_from_dict
+from cwtops.data.signals import DataError, SignalReader, equal_counts, read_manifest, write_sample_dataset
+from cwtops.data.weights import generate_filter_bank, write_weight_file
+from cwtops.model.distributed import World
+from tasks import balance, parse, train
 
 ROOT = Path(__file__).resolve().parent.parent
 LENGTH = 256
@@ -172,7 +173,7 @@ def test_a_damaged_shard_is_refused_by_name_and_nothing_is_written(small_stage_p
 
 
 def test_signal_reader_reads_the_rows_the_manifest_names(tmp_path: Path) -> None:
-    from tasks.data import load_signals, scan_raw
+    from cwtops.data.signals import load_signals, scan_raw
 
     rng = np.random.default_rng(0)
     (tmp_path / "a").mkdir()

@@ -23,8 +23,8 @@ import pytest
 import requests
 import yaml
 
-from tasks.config import Params, load_params, params_from_dict
-from tasks.errors import CwtopsError
+from cwtops.core.config import Params, load_params, params_from_dict
+from cwtops.core.errors import CwtopsError
 
 ROOT = Path(__file__).resolve().parent.parent
 LENGTH, CLASSES = 128, 3
@@ -102,7 +102,7 @@ def make_params(repository: Path, ports: tuple[int, int, int] = (8000, 8001, 800
 
 
 def test_config_is_derived_from_the_onnx_model(models: Models, tmp_path: Path) -> None:
-    from tasks.triton_publish import model_config_from_onnx
+    from cwtops.serving.publish import model_config_from_onnx
 
     params = make_params(tmp_path)
     text = model_config_from_onnx(models.a, params, MODEL, versions=[2, 1])
@@ -115,9 +115,9 @@ def test_config_is_derived_from_the_onnx_model(models: Models, tmp_path: Path) -
 
 
 def test_tensorrt_accelerator_option_for_gpu_instances(models: Models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasks.config import params_from_dict
-    from tasks.errors import CwtopsError
-    from tasks.triton_publish import model_config_from_onnx
+    from cwtops.core.config import params_from_dict
+    from cwtops.core.errors import CwtopsError
+    from cwtops.serving.publish import model_config_from_onnx
 
     raw = make_params(tmp_path).model_dump(mode="json")
     assert "execution_accelerators" not in model_config_from_onnx(models.a, params_from_dict(raw), MODEL)
@@ -131,7 +131,7 @@ def test_tensorrt_accelerator_option_for_gpu_instances(models: Models, tmp_path:
 
     # The local backend reads the same block (as Triton hands it over: JSON, parameters as a map).
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
-    spec = importlib.util.spec_from_file_location("cwtops_ort_backend_trt", ROOT / "tasks" / "triton_backend" / "model.py")
+    spec = importlib.util.spec_from_file_location("cwtops_ort_backend_trt", ROOT / "cwtops" / "serving" / "backend" / "model.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     monkeypatch.setattr(module.ort, "get_available_providers",
@@ -146,7 +146,7 @@ def test_tensorrt_accelerator_option_for_gpu_instances(models: Models, tmp_path:
 
 
 def test_fixed_batch_axis_and_unsafe_names_are_refused(models: Models, tmp_path: Path) -> None:
-    from tasks.triton_publish import model_config_from_onnx
+    from cwtops.serving.publish import model_config_from_onnx
 
     params = make_params(tmp_path)
     with pytest.raises(CwtopsError, match="fixed batch axis of size 2"):
@@ -206,7 +206,7 @@ def backend(models: Models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     fake.TritonModelException = RuntimeError
     fake.get_input_tensor_by_name = lambda request, name: request.get(name)
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
-    spec = importlib.util.spec_from_file_location("cwtops_ort_backend", ROOT / "tasks" / "triton_backend" / "model.py")
+    spec = importlib.util.spec_from_file_location("cwtops_ort_backend", ROOT / "cwtops" / "serving" / "backend" / "model.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     (tmp_path / MODEL / "1").mkdir(parents=True)
@@ -255,7 +255,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    from tasks.triton_server import start, stop
+    from cwtops.serving.server import start, stop
 
     root = tmp_path_factory.mktemp("triton")
     params = make_params(root / "repository", (_free_port(), _free_port(), _free_port()))
@@ -271,7 +271,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def published(server: Server, models: Models) -> Server:
-    from tasks.triton_publish import publish_version
+    from cwtops.serving.publish import publish_version
 
     result = publish_version(models.a, 1, server.params, reference=models.reference_a, url=server.url)
     assert result.created and result.served_max_abs_error is not None and result.served_max_abs_error < 1e-5
@@ -286,7 +286,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 def test_served_logits_match_in_process_onnxruntime(published: Server, models: Models) -> None:
     import tritonclient.http as httpclient
 
-    from tasks.triton_client import classify, connect, infer
+    from cwtops.serving.client import classify, connect, infer
 
     signals = np.load(models.reference_a)["inputs"]
     expected = ort.InferenceSession(str(models.a)).run(None, {"signal": signals})[0]
@@ -314,7 +314,7 @@ def test_metadata_and_config_describe_the_model(published: Server) -> None:
 
 @slow
 def test_concurrent_single_requests_are_batched(published: Server, models: Models) -> None:
-    from tasks.triton_client import connect, infer
+    from cwtops.serving.client import connect, infer
 
     data = np.load(models.reference_a)
     signals, expected = data["inputs"], data["outputs"]
@@ -385,7 +385,7 @@ def test_bad_request_gets_a_clear_error_and_serving_goes_on(published: Server, b
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
-    from tasks.triton_client import classify, connect, infer
+    from cwtops.serving.client import classify, connect, infer
 
     array, datatype, mentions, client_side, refusal = BAD_REQUESTS[bad]
     tensor = httpclient.InferInput("signal", list(array.shape), datatype)
@@ -456,7 +456,7 @@ def test_fuzz_malformed_requests_over_http_and_grpc_are_refused_and_serving_goes
 
 @slow
 def test_a_config_that_disagrees_is_refused_before_anything_is_written(published: Server, models: Models, tmp_path: Path) -> None:
-    from tasks.triton_publish import publish_version, served_versions
+    from cwtops.serving.publish import publish_version, served_versions
 
     before = _snapshot(published.repository)
     with pytest.raises(CwtopsError, match="fixed batch axis"):
@@ -473,7 +473,7 @@ def test_a_config_that_disagrees_is_refused_before_anything_is_written(published
 
 @slow
 def test_a_published_version_is_immutable(published: Server, models: Models) -> None:
-    from tasks.triton_publish import publish_version, served_versions
+    from cwtops.serving.publish import publish_version, served_versions
 
     before = _snapshot(published.repository)
     again = publish_version(models.a, 1, published.params, url=published.url)
@@ -486,10 +486,10 @@ def test_a_published_version_is_immutable(published: Server, models: Models) -> 
 
 @slow
 def test_rollout_and_rollback_under_load_never_fail_a_request(published: Server, models: Models) -> None:
-    from tasks.triton_client import connect
-    from tasks.triton_publish import publish_version, served_version, served_versions
-
     import tritonclient.http as httpclient
+
+    from cwtops.serving.client import connect
+    from cwtops.serving.publish import publish_version, served_version, served_versions
 
     signal = np.load(models.reference_a)["inputs"][:1]
     failures, answered_by, stop = [], [], threading.Event()
@@ -531,8 +531,8 @@ def test_rollout_and_rollback_under_load_never_fail_a_request(published: Server,
 def test_cli_publish_predict_and_status(published: Server, models: Models, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from tasks.cli import app
-    from tasks.cli_triton import next_version_on_disk
+    from cwtops.cli.app import app
+    from cwtops.cli.triton import next_version_on_disk
 
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(published.params.model_dump(mode="json"), sort_keys=False))
@@ -553,8 +553,8 @@ def test_cli_publish_predict_and_status(published: Server, models: Models, tmp_p
 
 @slow
 def test_restart_serves_the_repository_and_the_api_key_guards_it_by_default(published: Server, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasks.triton_publish import served_version
-    from tasks.triton_server import TRITON, key_file, start, status, stop
+    from cwtops.serving.publish import served_version
+    from cwtops.serving.server import TRITON, key_file, start, status, stop
 
     serving = served_version(published.params, published.url)
     same = start(published.params)
@@ -579,7 +579,7 @@ def test_restart_serves_the_repository_and_the_api_key_guards_it_by_default(publ
 
 
 def test_a_stale_pid_file_is_ignored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasks.triton_server import TRITON, status
+    from cwtops.serving.server import TRITON, status
 
     monkeypatch.setenv("CWTOPS_STATE_DIR", str(tmp_path))
     TRITON.folder.mkdir(parents=True)

@@ -13,12 +13,11 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from tasks.config import load_params
-from tasks.errors import CwtopsError
-from tasks.export import onnx_bytes
-from tasks.io import write_json
-from tasks.model import HybridCWTNet, ModelArgs
-from tasks.variants import (
+from cwtops.core.artifacts import write_json
+from cwtops.core.config import load_params
+from cwtops.core.errors import CwtopsError
+from cwtops.model.network import HybridCWTNet, ModelArgs
+from cwtops.variants import (
     VariantsConfig,
     accuracy_figures,
     build,
@@ -36,6 +35,7 @@ from tasks.variants import (
     time_side_by_side,
     variant_path,
 )
+from tasks.export import onnx_bytes
 
 TINY_LENGTH = 256
 
@@ -225,9 +225,9 @@ def test_build_writes_the_variants_and_a_full_report(variants_project: Path) -> 
 
 @pytest.mark.slow
 def test_register_passing_variants_in_the_float32_run(variants_project: Path, mlflow_server: str) -> None:
+    from cwtops.registry.lineage import load_run
+    from cwtops.registry.versions import register
     from mlflow import MlflowClient
-    from tasks.registry import register
-    from tasks.track import load_run
 
     params = load_params()
     float32 = register(params)  # the float32 version the variants point back to

@@ -9,7 +9,7 @@ import time
 import pytest
 import requests
 
-from tasks.webhook import (
+from cwtops.serving.webhook import (
     DELIVERY_HEADER,
     PATH,
     SIGNATURE_HEADER,

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.errors import CwtopsError
-from tasks.weights import (
+from cwtops.core.errors import CwtopsError
+from cwtops.data.weights import (
     FilterBank,
     WeightFileError,
     format_weight_file,

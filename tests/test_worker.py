@@ -93,7 +93,7 @@ def _task_running(api: str, flow_run: str, name: str) -> bool:
 
 
 def _latest_version(params) -> int:
-    from tasks.registry import list_versions
+    from cwtops.registry.versions import list_versions
 
     return max((int(entry["version"]) for entry in list_versions(params)), default=0)
 
@@ -121,9 +121,9 @@ def test_a_worker_runs_the_deployments_and_a_killed_worker_loses_nothing(in_proj
 
 
 def _worker_runs_then_dies(api: str, env: dict, in_project: Path, params, triton_server: str, worker_log: Path) -> None:
-    from tasks.io import sha256_file
-    from tasks.registry import promote
-    from tasks.triton_publish import served_version
+    from cwtops.core.artifacts import sha256_file
+    from cwtops.registry.versions import promote
+    from cwtops.serving.publish import served_version
 
     prefect = str(BIN / "prefect")
     # 1. the nightly deployment, executed by a worker to the end: a new registered version

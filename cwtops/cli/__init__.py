@@ -1,0 +1,1 @@
+"""The commands that need no stage or flow (flows/cli.py adds those)."""

@@ -1,0 +1,261 @@
+"""Typed configuration: `params.yaml` is read here and only here.
+
+Every section is a pydantic model that forbids unknown keys, so a typo in
+`params.yaml` fails loudly with the dotted key that is wrong.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cwtops.core.errors import CwtopsError
+
+DEFAULT_PARAMS = Path("params.yaml")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+def _checked_s3(value: str, for_triton: bool) -> str:
+    """An `s3://` location must parse (the endpoint and credentials come from the environment)."""
+    if value.startswith("s3://"):
+        from cwtops.core.s3 import parse_s3_url
+
+        try:
+            parse_s3_url(value, for_triton=for_triton)
+        except CwtopsError as error:
+            raise ValueError(str(error)) from None
+    return value
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseConfig(Section):
+    seed: int = 42
+    model_name: str = Field("cwtops", pattern=NAME_PATTERN)
+    raw_dir: Path = Path("data/raw")
+    weights: Path = Path("my.txt")
+    artifacts_dir: Path = Path("artifacts")
+    results_dir: Path = Path("results")
+
+
+Auto = Literal["auto"]
+
+
+class ParseConfig(Section):
+    magnitude: Literal["abs", "square", "none"] = "abs"
+    # auto: about 128-256 time steps for the head (cwtops/core/derived.py); or a fixed decimation
+    hop: Annotated[int, Field(ge=1, le=64)] | Auto = "auto"
+    # auto: the generated default bank (what `cwtops init` writes) is refitted to the signal
+    # length; a user's own bank is always used as written. file: the file's filters, always.
+    bank: Literal["auto", "file"] = "auto"
+
+
+class BalanceConfig(Section):
+    cap_factor: float = Field(3.0, gt=0)
+    # the limit never drops below this: small datasets keep every signal (a class of 2 next to
+    # one of 300 would otherwise cap every class at 6)
+    min_limit: int = Field(300, ge=1)
+    samples_per_class: int | None = Field(None, ge=1)
+    # auto: a 10% carve-out only when every class has 500+ signals; else train on all of them
+    # and keep the checkpoint with the lowest training loss (cwtops/core/derived.py)
+    val_fraction: Annotated[float, Field(ge=0, lt=0.5)] | Auto = "auto"
+    test_fraction: float = Field(0.2, gt=0, lt=0.5)
+
+
+class TrainConfig(Section):
+    # auto: from the number of training signals (cwtops/core/derived.py); explicit values win
+    epochs: Annotated[int, Field(ge=1, le=10_000)] | Auto = "auto"
+    batch_size: Annotated[int, Field(ge=1, le=4096)] | Auto = "auto"
+    lr: float = Field(1e-3, gt=0, lt=1)
+    weight_decay: float = Field(1e-2, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    patience: Annotated[int, Field(ge=1)] | Auto = "auto"
+    head: Literal["1d", "2d"] = "1d"  # 1d: convolutions over time, scales as channels; 2d: over (scale, time)
+    # ensemble (1-D head): heads on the one front-end, probabilities averaged, one ONNX graph;
+    # auto: as many (up to 5) as the training budget leaves room for after a full schedule
+    members: Annotated[int, Field(ge=1, le=16)] | Auto = "auto"
+    # conv1..conv4 widths and fc1's; auto: narrower heads for small training sets (cwtops/core/derived.py)
+    channels: tuple[int, int, int, int] | Auto = "auto"
+    raw_channel: bool = False  # 1d head: the standardised signal as one more input channel beside the scales
+    hidden: Annotated[int, Field(ge=1)] | Auto = "auto"
+    dropout: float = Field(0.1, ge=0, lt=1)
+    stem: Literal["pool", "strided"] = "strided"  # 2d head: a stride-2 conv1, or conv1 + 2x2 max-pool (4x the cost)
+    # augmentation, on the scalogram: a random shift in time of up to this share of its length
+    shift: float = Field(0.1, ge=0, lt=0.5)
+    mixup: float = Field(0.0, ge=0)  # Beta(a, a) mixing of pairs; 0: off
+    # memory: scalograms computed once and held; stream: batches read from the raw
+    # shards and transformed per batch (flat memory); auto: memory while they fit 1 GiB per process
+    input: Literal["auto", "memory", "stream"] = "auto"
+    max_steps: int | None = Field(None, ge=1)  # stop after this many optimizer steps in all; null: the schedule
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    num_workers: int = Field(0, ge=0)  # streaming: DataLoader processes reading batches ahead
+    threads: int = Field(0, ge=0)
+
+    @field_validator("channels")
+    @classmethod
+    def _positive(cls, value: tuple[int, ...] | str) -> tuple[int, ...] | str:
+        if not isinstance(value, str) and any(c < 1 for c in value):
+            raise ValueError("every channel width must be at least 1")
+        return value
+
+
+class EvaluateConfig(Section):
+    report_digits: int = Field(4, ge=1, le=10)
+
+
+class ExportConfig(Section):
+    opset: int = Field(18, ge=17, le=23)
+    dynamic_length: bool = False
+
+
+class ParityConfig(Section):
+    atol: float = Field(1e-4, gt=0)
+    rtol: float = Field(1e-3, gt=0)
+    batch_sizes: tuple[int, ...] = (1, 7, 64)
+    random_signals: int = Field(64, ge=1)
+    max_test_signals: int = Field(10_000, ge=1)  # real test signals compared (the first ones); bounds memory
+
+
+class MlflowConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(5000, ge=1, le=65535)
+    experiment: str = "cwtops"
+    backend_store: str = "sqlite:///mlflow/mlflow.db"
+    artifacts_destination: str = "mlflow/artifacts"  # a folder, or s3://bucket/prefix (docs/s3.md)
+
+    @field_validator("artifacts_destination")
+    @classmethod
+    def _s3_destination(cls, value: str) -> str:
+        return _checked_s3(value, for_triton=False)
+
+
+class TritonConfig(Section):
+    host: str = "127.0.0.1"
+    http_port: int = Field(8000, ge=1, le=65535)
+    grpc_port: int = Field(8001, ge=1, le=65535)
+    metrics_port: int = Field(8002, ge=1, le=65535)
+    model_repository: str = "model_repository"  # a folder, or s3://bucket/prefix (docs/s3.md)
+    max_batch_size: int = Field(64, ge=1, le=4096)
+    preferred_batch_sizes: tuple[int, ...] = (8, 16, 32)
+    max_queue_delay_us: int = Field(0, ge=0)  # batch what is queued, never wait (BENCHMARKS.md, serving)
+    instance_count: int = Field(2, ge=1, le=64)
+    instance_kind: Literal["KIND_CPU", "KIND_GPU"] = "KIND_CPU"
+    intra_op_threads: int = Field(1, ge=0)
+    # TensorRT as ONNX Runtime's execution accelerator on GPU instances (the NGC container has it).
+    gpu_accelerator: Literal["none", "tensorrt"] = "none"
+    tensorrt_precision: Literal["FP32", "FP16"] = "FP16"
+    tensorrt_workspace_bytes: int = Field(1 << 30, ge=1 << 20)
+
+    @model_validator(mode="after")
+    def _accelerator_needs_gpu(self) -> "TritonConfig":
+        if self.gpu_accelerator != "none" and self.instance_kind != "KIND_GPU":
+            raise ValueError(f"gpu_accelerator '{self.gpu_accelerator}' runs on GPU instances: set instance_kind: KIND_GPU "
+                             "or gpu_accelerator: none")
+        return self
+
+    @field_validator("model_repository")
+    @classmethod
+    def _s3_repository(cls, value: str) -> str:
+        return _checked_s3(value, for_triton=True)
+
+
+class RolloutConfig(Section):
+    promotion: Literal["manual", "auto"] = "manual"
+    metric: Literal["accuracy", "balanced_accuracy", "macro_f1"] = "macro_f1"
+    margin: float = Field(0.0, ge=0)
+    retrain_cron: str = "0 2 * * *"
+    reconcile_seconds: int = Field(60, ge=5)
+    webhook_host: str = "127.0.0.1"
+    webhook_port: int = Field(8787, ge=1, le=65535)
+
+
+VariantName = Literal["optimized", "int8", "fp16"]
+VARIANTS: tuple[VariantName, ...] = ("optimized", "int8", "fp16")
+
+
+class VariantsConfig(Section):
+    """Thresholds and build options (defaults are the measured choice; see BENCHMARKS.md)."""
+
+    variants: tuple[VariantName, ...] = VARIANTS
+    max_accuracy_drop: float = Field(0.5, ge=0, le=100)  # percentage points of test accuracy
+    min_agreement: float = Field(0.99, ge=0, le=1)  # share of test signals with float32's argmax
+    optimization_level: Literal["basic", "extended"] = "extended"
+    quant_format: Literal["qdq", "qoperator"] = "qdq"
+    per_channel: bool = True
+    calibrate_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    calibration_signals: int = Field(256, ge=1)
+    # Relu too: it fuses into QLinearConv's output, else a DequantizeLinear/QuantizeLinear pair
+    # brackets every Relu.
+    op_types_to_quantize: tuple[str, ...] = ("Conv", "Gemm", "MatMul", "MaxPool", "Relu")
+    quantize_frontend: bool = True  # the 112-filter CWT Conv; its int8 error is below the gate (measured)
+    # conv1 (1 input channel, 8 outputs) keeps float activations and int8 weights: its QLinearConv
+    # (im2col + an int8 GEMM with K = 9, N = 8, one image at a time) took 3.6 ms of a 13 ms batch of 64,
+    # the float Conv on the int8-stored weights 1.25 ms (ONNX Runtime's profile, 2 EPYC cores)
+    conv1_float_input: bool = True
+    batch_size: int = Field(64, ge=1)
+    repeats: int = Field(30, ge=1)
+    threads: int = Field(0, ge=0)  # ONNX Runtime intra-op threads for timing; 0: all cores
+
+
+
+class Params(Section):
+    base: BaseConfig = BaseConfig()
+    parse: ParseConfig = ParseConfig()
+    balance: BalanceConfig = BalanceConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    export: ExportConfig = ExportConfig()
+    parity: ParityConfig = ParityConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    triton: TritonConfig = TritonConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    variants: VariantsConfig = VariantsConfig()
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}' (remove it or check its spelling)")
+        else:
+            lines.append(f"'{key}': {item['msg']} (got {item.get('input')!r})")
+    return "; ".join(lines)
+
+
+def params_from_dict(raw: dict, source: str = "<dict>") -> Params:
+    """Validate a parsed params mapping; errors name the dotted key."""
+    if not isinstance(raw, dict):
+        raise CwtopsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        allowed = ", ".join(Params.model_fields)
+        raise CwtopsError(f"{source}: invalid params: {_describe(error)}. Sections: {allowed}.") from None
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
+    """Read and validate `params.yaml` (safe_load only)."""
+    path = Path(path)
+    if not path.exists():
+        raise CwtopsError(f"{path}: params file not found; run from the project root or pass --params")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise CwtopsError(f"{path}: not valid YAML: {error}") from None
+    return params_from_dict(raw, str(path))
+
+
+def flatten(params: Params) -> dict[str, str]:
+    """`section.key -> value` strings, the form MLflow params and DVC's params_show use."""
+    flat: dict[str, str] = {}
+    for section, values in params.model_dump(mode="json").items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = str(value)
+    return flat

@@ -1,0 +1,1 @@
+"""Signals (sample data, UCR import, shards), the wavelet weight file, project set-up."""

@@ -1,0 +1,392 @@
+"""The hybrid CWT-CNN: a frozen wavelet filter bank in front of a small trainable CNN.
+
+Shapes (S = 112 filters; T = L // hop time steps, 256-511 with `parse.hop: auto`):
+
+    signal      (B, 1, L)
+    scalogram   (B, S, T)      frozen front-end, |x * psi_s| sampled every `hop` samples
+    head "1d"   conv1..conv4   (the default) 1-D over time, the S scales as input channels:
+                               kernels 7, 5, 5, 3, dilations 1, 2, 4, 8, BatchNorm + ReLU
+                               -> (B, c4, T) -> mean and max over time -> (B, 2 c4)
+                fc1, fc2       -> logits (B, C); an ensemble of N such heads outputs the log of
+                               their mean probability
+    head "2d"   conv1..conv4   2-D over (S, T), each conv3x3 + BatchNorm + ReLU + 2x2 max-pool
+                               (conv1 with `stem: strided`: a stride-2 conv3x3 instead)
+                               -> (B, c4, S/16, T/16) -> mean over time -> (B, c4 * S/16)
+                fc1, fc2       -> logits (B, C)
+
+Cost per signal with the defaults on the sample data (L 2048, hop 8, K = 257 taps; channels 64,
+64, 128, 128; hidden 128): front-end 2 * S * K * T = 14.7 MFLOP (one strided convolution); head
+conv1 25.7 + conv2 10.5 + conv3 21.0 + conv4 25.2 = 82.4 MFLOP forward per member, about 3x that
+to train. The front-end is frozen, so training computes scalograms once and feeds the head from
+memory: an epoch costs only the head (`head_flops` counts it for any configuration).
+
+The front-end holds the filter bank as buffers, never as parameters, so no optimizer can see it.
+It runs one of two exact-equivalent paths: a single strided convolution (the path exported to
+ONNX, where ONNX Runtime's Conv is much faster than its DFT) or an FFT product (PyTorch only,
+where it is faster for long signals). Both equal the original one-Conv1d-per-scale
+implementation (padding='same') decimated by `hop`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cwtops.core.errors import CwtopsError
+
+CHECKPOINT_FORMAT = "cwtops-checkpoint/1"
+Magnitude = Literal["abs", "square", "none"]
+Stem = Literal["pool", "strided"]
+HeadKind = Literal["1d", "2d"]
+Method = Literal["auto", "conv", "fft"]
+
+
+def filter_bank_sha256(matrix: np.ndarray, lengths: np.ndarray) -> str:
+    """Hash of a padded filter bank: the identity the checkpoint, ONNX and registry carry."""
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(matrix, dtype=np.float32).tobytes())
+    digest.update(np.ascontiguousarray(lengths, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def _apply_magnitude(response: torch.Tensor, magnitude: Magnitude) -> torch.Tensor:
+    if magnitude == "abs":
+        return response.abs()
+    if magnitude == "square":
+        return response.square()
+    return response
+
+
+class CWTFrontEnd(nn.Module):
+    """Frozen filter bank: (B, 1, L) -> (B, S, ceil(L / hop)), every scale in one operation."""
+
+    def __init__(
+        self,
+        bank: torch.Tensor,
+        hop: int = 8,
+        magnitude: Magnitude = "abs",
+        method: Method = "auto",
+    ) -> None:
+        super().__init__()
+        if bank.ndim != 2 or bank.shape[1] % 2 != 1:
+            raise CwtopsError(f"filter bank must be [S, K] with odd K, got {tuple(bank.shape)}")
+        # Buffers, not parameters: saved with the model, invisible to optimizers.
+        self.register_buffer("filter_bank", bank.detach().float().unsqueeze(1).contiguous())  # (S, 1, K)
+        self.hop = hop
+        self.magnitude: Magnitude = magnitude
+        self.method: Method = method
+        self._spectra: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+
+    @property
+    def n_filters(self) -> int:
+        return self.filter_bank.shape[0]
+
+    @property
+    def kernel_size(self) -> int:
+        return self.filter_bank.shape[-1]
+
+    def output_length(self, signal_length: int) -> int:
+        return -(-signal_length // self.hop)
+
+    def _use_fft(self, signal_length: int) -> bool:
+        if self.method != "auto":
+            return self.method == "fft"
+        # Tracing for ONNX always takes the convolution (ORT's DFT is slow).
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return False
+        # The strided convolution computes only the T = L / hop outputs the head reads; the FFT
+        # computes all L of them. Measured on CPU (bench/bench_frontend.py, 112 Morlet filters):
+        # at hop 1 the FFT is 2-3x faster than the convolution, at hop 8 the convolution is ~10x
+        # faster than the FFT.
+        return self.hop == 1
+
+    def forward(self, signal: torch.Tensor) -> torch.Tensor:
+        if self._use_fft(signal.shape[-1]):
+            response = self._fft_response(signal)
+        else:
+            response = self._conv_response(signal)
+        return _apply_magnitude(response, self.magnitude)
+
+    def _conv_response(self, signal: torch.Tensor) -> torch.Tensor:
+        weight = self.filter_bank.to(signal.dtype)
+        return F.conv1d(signal, weight, stride=self.hop, padding=(self.kernel_size - 1) // 2)
+
+    def _fft_response(self, signal: torch.Tensor) -> torch.Tensor:
+        length = signal.shape[-1]
+        pad = (self.kernel_size - 1) // 2
+        n_fft = _fast_size(length + self.kernel_size - 1)
+        spectrum = self._filter_spectrum(n_fft, signal.device, signal.dtype)  # (S, F)
+        signal_spectrum = torch.fft.rfft(signal.float(), n=n_fft)  # (B, 1, F)
+        full = torch.fft.irfft(signal_spectrum * spectrum, n=n_fft)  # (B, S, n_fft)
+        # Cross-correlation (what conv1d computes) of the zero-padded signal, 'same' alignment.
+        return full[..., pad : pad + length : self.hop].to(signal.dtype)
+
+    def _filter_spectrum(self, n_fft: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (n_fft, device, dtype)
+        if key not in self._spectra:
+            # conv1d is a correlation: correlate = convolve with the time-reversed filter,
+            # shifted so output index 0 lines up with padding (K-1)//2.
+            reversed_bank = self.filter_bank[:, 0, :].flip(-1).float()
+            self._spectra = {key: torch.fft.rfft(reversed_bank, n=n_fft)}
+        return self._spectra[key]
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module signature
+        self._spectra = {}  # cached spectra follow the buffers to the new device / dtype
+        return super()._apply(fn, recurse)
+
+
+def _fast_size(n: int) -> int:
+    """Smallest 2^a * 3^b >= n: sizes pocketfft handles fastest."""
+    best = 1 << (n - 1).bit_length()
+    power3 = 1
+    while power3 < best:
+        size = power3
+        while size < n:
+            size *= 2
+        best = min(best, size)
+        power3 *= 3
+    return best
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Everything needed to rebuild the network: travels inside every checkpoint."""
+
+    n_filters: int
+    kernel_size: int
+    n_classes: int
+    signal_length: int
+    hop: int = 8
+    magnitude: Magnitude = "abs"
+    channels: tuple[int, int, int, int] = (8, 16, 32, 32)
+    hidden: int = 64
+    dropout: float = 0.2
+    stem: Stem = "pool"  # 2-D head: conv1 3x3 conv then 2x2 max-pool, or one stride-2 3x3 conv (4x cheaper)
+    extra: dict = field(default_factory=dict)
+    # "2d": convolutions over (scale, time); "1d": over time, the scales as input channels.
+    # Checkpoints written before the 1-D head existed carry no `head` key and rebuild as "2d".
+    head: HeadKind = "2d"
+    members: int = 1  # ensemble size (1-D head): heads on the one front-end, probabilities averaged
+    # 1-D head: the standardised signal itself, averaged over each hop, as one more input channel
+    # beside the S scales (the magnitudes drop the waveform's sign and phase). Older checkpoints: off.
+    raw_channel: bool = False
+
+    @property
+    def input_channels(self) -> int:
+        return self.n_filters + int(self.raw_channel)
+
+
+def _conv_block(in_channels: int, out_channels: int, strided: bool = False) -> nn.Sequential:
+    if strided:  # the same /2 in both axes as conv + pool, at a quarter of the convolution's cost
+        return nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+    )
+
+
+# 1-D head: kernel sizes and dilations of conv1..conv4. Receptive field 1 + 6 + 8 + 16 + 16 = 47
+# time steps, a tenth to a fifth of the 256-511 steps that `parse.hop: auto` leaves the head;
+# mean and max pooling over time then summarise the whole signal.
+KERNELS_1D = (7, 5, 5, 3)
+DILATIONS_1D = (1, 2, 4, 8)
+
+
+def _conv1d_block(in_channels: int, out_channels: int, kernel: int, dilation: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv1d(in_channels, out_channels, kernel, padding=dilation * (kernel - 1) // 2, dilation=dilation, bias=False),
+        nn.BatchNorm1d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class TimeHead(nn.Module):
+    """conv1..conv4 over time (scales as channels), mean and max over time, fc1, fc2 -> logits."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        widths = (args.input_channels, *args.channels)
+        self.input_norm = nn.BatchNorm1d(args.input_channels)  # per scale: scales differ in energy by decades
+        for index, (kernel, dilation) in enumerate(zip(KERNELS_1D, DILATIONS_1D), start=1):
+            setattr(self, f"conv{index}", _conv1d_block(widths[index - 1], widths[index], kernel, dilation))
+        self.fc1 = nn.Linear(2 * args.channels[-1], args.hidden)
+        self.dropout = nn.Dropout(args.dropout)
+        self.fc2 = nn.Linear(args.hidden, args.n_classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = self.input_norm(features)  # (B, S, T)
+        x = self.conv4(self.conv3(self.conv2(self.conv1(x))))  # (B, c4, T)
+        x = torch.cat([x.mean(dim=-1), x.amax(dim=-1)], dim=1)  # (B, 2 c4)
+        return self.fc2(self.dropout(F.relu(self.fc1(x))))
+
+
+def average_probabilities(logits: list[torch.Tensor]) -> torch.Tensor:
+    """log of the members' mean softmax: what the ensemble outputs (its softmax is that mean)."""
+    if len(logits) == 1:
+        return logits[0]
+    stacked = torch.stack([F.log_softmax(member.float(), dim=-1) for member in logits])
+    return torch.logsumexp(stacked, dim=0) - math.log(len(logits))
+
+
+class HybridCWTNet(nn.Module):
+    """Frozen CWT front-end + trainable head (conv1..conv4, fc1, fc2)."""
+
+    def __init__(self, args: ModelArgs, bank: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if bank is None:  # rebuilt from a checkpoint: the state dict brings the real filters
+            bank = torch.zeros(args.n_filters, args.kernel_size)
+        self.args = args
+        self.frontend = CWTFrontEnd(bank, hop=args.hop, magnitude=args.magnitude)
+        if args.head == "1d":
+            if args.members < 1:
+                raise CwtopsError(f"an ensemble needs at least one member, got members={args.members}")
+            self.members = nn.ModuleList([TimeHead(args) for _ in range(args.members)])
+            return
+        if args.members != 1 or args.raw_channel:
+            raise CwtopsError("ensembles and the raw channel are built from the 1-D head: set train.head: 1d, or "
+                              "train.members: 1 and train.raw_channel: false")
+        c1, c2, c3, c4 = args.channels
+        self.input_norm = nn.BatchNorm2d(1)
+        self.conv1 = _conv_block(1, c1, strided=args.stem == "strided")
+        self.conv2 = _conv_block(c1, c2)
+        self.conv3 = _conv_block(c2, c3)
+        self.conv4 = _conv_block(c3, c4)
+        freq_bins = args.n_filters // 16
+        if freq_bins < 1 or self.frontend.output_length(args.signal_length) < 16:
+            raise CwtopsError(
+                f"the head pools 16x in scales and time: need at least 16 filters and "
+                f"{16 * args.hop} samples per signal, got {args.n_filters} filters, "
+                f"{args.signal_length} samples (use train.head: 1d, lower parse.hop or use longer signals)"
+            )
+        self.fc1 = nn.Linear(c4 * freq_bins, args.hidden)
+        self.dropout = nn.Dropout(args.dropout)
+        self.fc2 = nn.Linear(args.hidden, args.n_classes)
+
+    def scalogram(self, signal: torch.Tensor) -> torch.Tensor:
+        """(B, 1, L) -> (B, S, T): standardised signal through the frozen filter bank."""
+        centred = signal - signal.mean(dim=-1, keepdim=True)
+        scale = centred.square().mean(dim=-1, keepdim=True).add(1e-8).sqrt()
+        standardised = centred / scale
+        features = self.frontend(standardised)
+        if not self.args.raw_channel:
+            return features
+        # the same T = ceil(L / hop) steps as the front-end's strided output
+        raw = F.avg_pool1d(standardised, self.args.hop, self.args.hop, ceil_mode=True) if self.args.hop > 1 else standardised
+        return torch.cat([features, raw], dim=1)  # (B, S + 1, T)
+
+    def head(self, scalogram: torch.Tensor) -> torch.Tensor:
+        """(B, S, T) -> logits (B, C); an ensemble's are the log of its mean probabilities."""
+        if self.args.head == "1d":
+            return average_probabilities(self.member_logits(scalogram))
+        x = torch.log1p(scalogram).unsqueeze(1)  # (B, 1, S, T)
+        x = self.input_norm(x)
+        x = self.conv4(self.conv3(self.conv2(self.conv1(x))))  # (B, c4, S/16, T/16)
+        x = x.mean(dim=-1).flatten(1)  # (B, c4 * S/16)
+        x = self.dropout(F.relu(self.fc1(x)))
+        return self.fc2(x)
+
+    def member_logits(self, scalogram: torch.Tensor) -> list[torch.Tensor]:
+        """Each ensemble member's logits (1-D head): what training fits, one loss per member."""
+        scales = self.args.n_filters
+        features = torch.log1p(scalogram[:, :scales])
+        if self.args.raw_channel:  # the signal is signed: a signed log1p compresses its spikes, as for the magnitudes
+            raw = scalogram[:, scales:]
+            features = torch.cat([features, torch.sign(raw) * torch.log1p(raw.abs())], dim=1)
+        return [member(features) for member in self.members]
+
+    def training_head(self, scalogram: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """What training fits: each member's logits (1-D head, a list) or the 2-D head's logits."""
+        return self.member_logits(scalogram) if self.args.head == "1d" else self.head(scalogram)
+
+    def forward(self, signal: torch.Tensor) -> torch.Tensor:
+        return self.head(self.scalogram(signal))
+
+
+def head_flops(args: ModelArgs) -> dict[str, int]:
+    """Multiply-accumulates x2 per signal for each layer (forward pass; an ensemble's summed)."""
+    height, width = args.n_filters, -(-args.signal_length // args.hop)
+    flops = {"frontend": 2 * args.n_filters * args.kernel_size * width}
+    if args.head == "1d":
+        widths = (args.input_channels, *args.channels)
+        for index, kernel in enumerate(KERNELS_1D, start=1):
+            flops[f"conv{index}"] = args.members * 2 * width * widths[index - 1] * widths[index] * kernel
+        flops["fc1"] = args.members * 2 * 2 * args.channels[-1] * args.hidden
+        flops["fc2"] = args.members * 2 * args.hidden * args.n_classes
+        return flops
+    in_channels = 1
+    for index, out_channels in enumerate(args.channels, start=1):
+        outputs = (height // 2) * (width // 2) if index == 1 and args.stem == "strided" else height * width
+        flops[f"conv{index}"] = 2 * outputs * in_channels * out_channels * 9
+        height, width, in_channels = height // 2, width // 2, out_channels
+    flops["fc1"] = 2 * in_channels * (args.n_filters // 16) * args.hidden
+    flops["fc2"] = 2 * args.hidden * args.n_classes
+    return flops
+
+
+def build_model(args: ModelArgs, bank: torch.Tensor) -> HybridCWTNet:
+    return HybridCWTNet(args, bank)
+
+
+def trainable_parameters(model: HybridCWTNet) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def checkpoint_dict(
+    model: HybridCWTNet,
+    class_names: list[str],
+    bank_sha256: str,
+    params: dict,
+    **extra: object,
+) -> dict:
+    """A checkpoint that describes itself: rebuildable with no code-side configuration."""
+    args = asdict(model.args)
+    args["channels"] = list(args["channels"])
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model_args": args,
+        "class_names": list(class_names),
+        "filter_bank_sha256": bank_sha256,
+        "params": params,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        **extra,
+    }
+
+
+def model_from_checkpoint(checkpoint: dict, source: str = "<checkpoint>") -> HybridCWTNet:
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise CwtopsError(
+            f"{source}: not a cwtops checkpoint (format {checkpoint.get('format')!r}, "
+            f"expected {CHECKPOINT_FORMAT!r}); re-run the train stage"
+        )
+    raw_args = dict(checkpoint["model_args"])
+    raw_args["channels"] = tuple(raw_args["channels"])
+    model = HybridCWTNet(ModelArgs(**raw_args))
+    model.load_state_dict(checkpoint["state_dict"])
+    model.eval()
+    return model
+
+
+def load_checkpoint(path: Path | str, map_location: str = "cpu") -> tuple[HybridCWTNet, dict]:
+    """Rebuild the model from a checkpoint file alone (weights_only: no pickled code runs)."""
+    path = Path(path)
+    if not path.exists():
+        raise CwtopsError(f"{path}: checkpoint not found; run `cwtops stage train` (or `dvc repro train`)")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises several types for corrupt files
+        raise CwtopsError(f"{path}: cannot read checkpoint ({error}); delete it and re-run training") from None
+    return model_from_checkpoint(checkpoint, str(path)), checkpoint

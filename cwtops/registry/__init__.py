@@ -1,0 +1,1 @@
+"""MLflow: the tracking server, registered versions and their lineage, the promotion policy."""

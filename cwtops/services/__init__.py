@@ -1,0 +1,1 @@
+"""Process supervision and the Debian packages the tests need."""

@@ -1,0 +1,113 @@
+"""Local background services (MLflow, Triton): PID file, log file, health wait, idempotent start/stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from cwtops.core.errors import CwtopsError
+
+
+def state_dir() -> Path:
+    """Where PID and log files live (`CWTOPS_STATE_DIR` isolates tests and parallel checkouts)."""
+    return Path(os.environ.get("CWTOPS_STATE_DIR", ".cwtops"))
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+
+    @property
+    def folder(self) -> Path:
+        return state_dir() / self.name
+
+    @property
+    def pid_file(self) -> Path:
+        return self.folder / "server.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.folder / "server.log"
+
+    def pid(self) -> int | None:
+        """The running server's PID, or None (a stale PID file is removed)."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        if not process_alive(pid):
+            self.pid_file.unlink(missing_ok=True)
+            return None
+        return pid
+
+    def launch(self, command: list[str], env: dict[str, str], cwd: Path | None = None) -> int:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.log_file, "ab") as log:
+            process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
+            )
+        self.pid_file.write_text(str(process.pid))
+        return process.pid
+
+    def wait_healthy(self, healthy: Callable[[], bool], timeout: float, pid: int | None = None) -> None:
+        """Poll `healthy` until it holds; fail fast with the log tail if the process exits."""
+        deadline = time.monotonic() + timeout
+        while not healthy():
+            if not process_alive(pid) if pid is not None else self.pid() is None:
+                raise CwtopsError(f"{self.name} server exited during start-up; see {self.log_file}:\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise CwtopsError(f"{self.name} server not healthy after {timeout:.0f} s; see {self.log_file}:\n{self.tail()}")
+            time.sleep(0.5)
+
+    def stop(self, timeout: float = 20.0) -> bool:
+        pid = self.pid()
+        if pid is None:
+            return False
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + timeout
+        while process_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if process_alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def process_alive(pid: int) -> bool:
+    """Whether `pid` still runs. A child of this process that exited is reaped (a zombie is not alive)."""
+    import psutil
+
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass  # not our child: ask the kernel
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE  # a zombie of another parent
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    try:
+        return requests.get(url, timeout=timeout).ok
+    except requests.RequestException:
+        return False
