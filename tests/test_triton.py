@@ -22,6 +22,8 @@ import onnxruntime as ort
 import pytest
 import requests
 import yaml
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
 
 from cwtops.core.config import Params, load_params, params_from_dict
 from cwtops.core.errors import CwtopsError
@@ -101,17 +103,50 @@ def make_params(repository: Path, ports: tuple[int, int, int] = (8000, 8001, 800
 # ---- config generation (no server) -------------------------------------------------------------
 
 
+def parse_config(text: str) -> model_config_pb2.ModelConfig:
+    """config.pbtxt read back the way Triton reads it: its own schema, unknown fields refused."""
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
 def test_config_is_derived_from_the_onnx_model(models: Models, tmp_path: Path) -> None:
     from cwtops.serving.publish import model_config_from_onnx
 
     params = make_params(tmp_path)
-    text = model_config_from_onnx(models.a, params, MODEL, versions=[2, 1])
-    assert 'platform: "onnxruntime_onnx"' in text and f"max_batch_size: {params.triton.max_batch_size}" in text
-    assert f'name: "signal" data_type: TYPE_FP32 dims: [ 1, {LENGTH} ]' in text
-    assert f'name: "logits" data_type: TYPE_FP32 dims: [ {CLASSES} ] label_filename: "labels.txt"' in text
-    assert "versions: [ 1, 2 ]" in text and "dynamic_batching" in text and "max_queue_delay_microseconds" in text
-    assert f"count: {params.triton.instance_count} kind: {params.triton.instance_kind}" in text
-    assert json.dumps(json.dumps(CLASS_NAMES)) in text  # class names as an escaped JSON string parameter
+    config = parse_config(model_config_from_onnx(models.a, params, MODEL, versions=[2, 1, 2]))
+    assert (config.name, config.platform, config.max_batch_size) == (MODEL, "onnxruntime_onnx", params.triton.max_batch_size)
+    [signal], [logits] = config.input, config.output
+    assert (signal.name, signal.data_type, list(signal.dims)) == ("signal", model_config_pb2.TYPE_FP32, [1, LENGTH])
+    assert (logits.name, logits.data_type, list(logits.dims)) == ("logits", model_config_pb2.TYPE_FP32, [CLASSES])
+    assert logits.label_filename == "labels.txt"
+    assert list(config.version_policy.specific.versions) == [1, 2]
+    assert config.HasField("dynamic_batching")
+    assert config.dynamic_batching.max_queue_delay_microseconds == params.triton.max_queue_delay_us
+    assert list(config.dynamic_batching.preferred_batch_size) == [b for b in params.triton.preferred_batch_sizes
+                                                                  if b <= params.triton.max_batch_size]
+    [group] = config.instance_group
+    assert (group.count, model_config_pb2.ModelInstanceGroup.Kind.Name(group.kind)) == (params.triton.instance_count, params.triton.instance_kind)
+    parameters = {key: value.string_value for key, value in config.parameters.items()}
+    assert parameters == {"intra_op_thread_count": str(params.triton.intra_op_threads), "inter_op_thread_count": "1",
+                          "class_names": json.dumps(CLASS_NAMES)}
+    assert not config.HasField("optimization")
+    assert parse_config(model_config_from_onnx(models.a, params, MODEL)).version_policy.latest.num_versions == 1
+
+
+def test_config_text_round_trips_quotes_and_backslashes(tmp_path: Path) -> None:
+    from cwtops.serving.publish import ModelSignature, TensorSpec, render_config
+
+    awkward = ['say "hi"', "back\\slash", 'both \\"\\', "tab\tand ü"]
+    signature = ModelSignature((TensorSpec("signal", "TYPE_FP32", -1, (1, LENGTH)),),
+                               (TensorSpec("logits", "TYPE_FP32", -1, (len(awkward),)), TensorSpec('out"\\put', "TYPE_FP16", -1, (-1, 2))),
+                               tuple(awkward))
+    name = 'model "x" \\ y'  # render_config takes any name; the publish path checks it first
+    config = parse_config(render_config(name, signature, make_params(tmp_path), [3]))
+    assert config.name == name
+    assert [o.name for o in config.output] == ["logits", 'out"\\put']
+    assert [o.label_filename for o in config.output] == ["labels.txt", ""]
+    assert list(config.output[1].dims) == [-1, 2] and config.output[1].data_type == model_config_pb2.TYPE_FP16
+    assert config.parameters["class_names"].string_value == json.dumps(awkward)  # exactly, escapes and all
+    assert json.loads(config.parameters["class_names"].string_value) == awkward
 
 
 def test_tensorrt_accelerator_option_for_gpu_instances(models: Models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -120,11 +155,13 @@ def test_tensorrt_accelerator_option_for_gpu_instances(models: Models, tmp_path:
     from cwtops.serving.publish import model_config_from_onnx
 
     raw = make_params(tmp_path).model_dump(mode="json")
-    assert "execution_accelerators" not in model_config_from_onnx(models.a, params_from_dict(raw), MODEL)
+    assert not parse_config(model_config_from_onnx(models.a, params_from_dict(raw), MODEL)).HasField("optimization")
     raw["triton"].update(instance_kind="KIND_GPU", gpu_accelerator="tensorrt", tensorrt_precision="FP16")
-    text = model_config_from_onnx(models.a, params_from_dict(raw), MODEL)
-    assert 'gpu_execution_accelerator : [ {\n  name : "tensorrt"' in text
-    assert 'key: "precision_mode" value: "FP16"' in text and "kind: KIND_GPU" in text
+    config = parse_config(model_config_from_onnx(models.a, params_from_dict(raw), MODEL))
+    [accelerator] = config.optimization.execution_accelerators.gpu_execution_accelerator
+    assert accelerator.name == "tensorrt" and not config.optimization.execution_accelerators.cpu_execution_accelerator
+    assert dict(accelerator.parameters) == {"precision_mode": "FP16", "max_workspace_size_bytes": str(raw["triton"]["tensorrt_workspace_bytes"])}
+    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
     raw["triton"]["instance_kind"] = "KIND_CPU"
     with pytest.raises(CwtopsError, match="gpu_accelerator"):
         params_from_dict(raw)  # TensorRT on a CPU instance is refused, not ignored

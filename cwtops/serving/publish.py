@@ -31,9 +31,11 @@ from typing import Protocol
 
 import numpy as np
 import onnx
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
 
 from cwtops.core.artifacts import atomic_dir, sha256_file, write_text
-from cwtops.core.config import Params
+from cwtops.core.config import Params, TritonConfig
 from cwtops.core.errors import CwtopsError
 from cwtops.services.processes import state_dir
 from cwtops.serving.client import INPUT_NAME, OUTPUT_NAME, admin_headers, connect, infer, triton_errors
@@ -135,52 +137,64 @@ def check_signature(signature: ModelSignature, params: Params, path: Path) -> No
         raise CwtopsError(f"{path}: output '{OUTPUT_NAME}' has dims {list(logits.dims)} for {len(signature.class_names)} class names; expected [batch, C]")
 
 
-def _pbtxt_string(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+def _tensor(message: mc.ModelInput | mc.ModelOutput, spec: TensorSpec) -> None:
+    message.name = spec.name
+    message.data_type = mc.DataType.Value(spec.data_type)
+    message.dims.extend(spec.dims)
 
 
-def _tensor_block(spec: TensorSpec, labels: bool) -> str:
-    dims = ", ".join(str(d) for d in spec.dims)
-    label = f' label_filename: "{LABELS_FILE}"' if labels else ""
-    return f'  {{ name: {_pbtxt_string(spec.name)} data_type: {spec.data_type} dims: [ {dims} ]{label} }}'
+def _version_policy(policy: mc.ModelVersionPolicy, versions: Sequence[int]) -> None:
+    if versions:
+        policy.specific.versions.extend(sorted(set(versions)))
+    else:
+        policy.latest.num_versions = 1
+
+
+def _dynamic_batching(batching: mc.ModelDynamicBatching, cfg: TritonConfig) -> None:
+    # Present even when every field is at its default: the block itself turns dynamic batching on.
+    batching.SetInParent()
+    batching.preferred_batch_size.extend(b for b in cfg.preferred_batch_sizes if b <= cfg.max_batch_size)
+    batching.max_queue_delay_microseconds = cfg.max_queue_delay_us
+
+
+def _accelerator(optimization: mc.ModelOptimizationPolicy, cfg: TritonConfig) -> None:
+    """TensorRT for GPU instances (Triton's ONNX Runtime backend option); nothing otherwise."""
+    if cfg.gpu_accelerator != "tensorrt":
+        return
+    accelerator = optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+    accelerator.parameters["precision_mode"] = cfg.tensorrt_precision
+    accelerator.parameters["max_workspace_size_bytes"] = str(cfg.tensorrt_workspace_bytes)
+
+
+def build_config(name: str, signature: ModelSignature, params: Params, versions: Sequence[int] = ()) -> mc.ModelConfig:
+    """Triton's ModelConfig message for a checked signature (`versions` empty: the latest one)."""
+    cfg = params.triton
+    config = mc.ModelConfig(name=name, platform="onnxruntime_onnx", max_batch_size=cfg.max_batch_size)
+    _version_policy(config.version_policy, versions)
+    for spec in signature.inputs:
+        _tensor(config.input.add(), spec)
+    for spec in signature.outputs:
+        output = config.output.add()
+        _tensor(output, spec)
+        if signature.class_names and spec.name == OUTPUT_NAME:
+            output.label_filename = LABELS_FILE
+    _dynamic_batching(config.dynamic_batching, cfg)
+    config.instance_group.add(count=cfg.instance_count, kind=mc.ModelInstanceGroup.Kind.Value(cfg.instance_kind))
+    _accelerator(config.optimization, cfg)
+    parameters = {
+        "intra_op_thread_count": str(cfg.intra_op_threads),  # 0: ONNX Runtime's default (all cores)
+        "inter_op_thread_count": "1",
+        "class_names": json.dumps(list(signature.class_names)),
+    }
+    for key, value in parameters.items():
+        config.parameters[key].string_value = value
+    return config
 
 
 def render_config(name: str, signature: ModelSignature, params: Params, versions: Sequence[int] = ()) -> str:
-    """config.pbtxt text (the NGC container's native ONNX Runtime backend reads the same file)."""
-    cfg = params.triton
-    policy = f"specific: {{ versions: [ {', '.join(str(v) for v in sorted(set(versions)))} ] }}" if versions else "latest: { num_versions: 1 }"
-    labelled = bool(signature.class_names)
-    outputs = ",\n".join(_tensor_block(s, labelled and s.name == OUTPUT_NAME) for s in signature.outputs)
-    preferred = [b for b in cfg.preferred_batch_sizes if b <= cfg.max_batch_size]
-    batching = f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n" if preferred else ""
-    threads = cfg.intra_op_threads  # 0: ONNX Runtime's default (all cores)
-    return (
-        f"name: {_pbtxt_string(name)}\n"
-        'platform: "onnxruntime_onnx"\n'
-        f"max_batch_size: {cfg.max_batch_size}\n"
-        f"version_policy: {{ {policy} }}\n"
-        "input [\n" + ",\n".join(_tensor_block(s, False) for s in signature.inputs) + "\n]\n"
-        "output [\n" + outputs + "\n]\n"
-        f"dynamic_batching {{\n{batching}  max_queue_delay_microseconds: {cfg.max_queue_delay_us}\n}}\n"
-        f"instance_group [ {{ count: {cfg.instance_count} kind: {cfg.instance_kind} }} ]\n"
-        + _accelerator_block(cfg)
-        + f'parameters {{ key: "intra_op_thread_count" value: {{ string_value: "{threads}" }} }}\n'
-        'parameters { key: "inter_op_thread_count" value: { string_value: "1" } }\n'
-        f'parameters {{ key: "class_names" value: {{ string_value: {_pbtxt_string(json.dumps(list(signature.class_names)))} }} }}\n'
-    )
-
-
-def _accelerator_block(cfg: object) -> str:
-    """`optimization` block for TensorRT on GPU instances (Triton's ONNX Runtime backend option)."""
-    if cfg.gpu_accelerator != "tensorrt":
-        return ""
-    return (
-        "optimization { execution_accelerators { gpu_execution_accelerator : [ {\n"
-        '  name : "tensorrt"\n'
-        f'  parameters {{ key: "precision_mode" value: "{cfg.tensorrt_precision}" }}\n'
-        f'  parameters {{ key: "max_workspace_size_bytes" value: "{cfg.tensorrt_workspace_bytes}" }}\n'
-        "} ] } }\n"
-    )
+    """config.pbtxt text, protobuf's text format of Triton's own schema: field names and string
+    escaping are the server's (the NGC container's native ONNX Runtime backend reads the same file)."""
+    return text_format.MessageToString(build_config(name, signature, params, versions), as_utf8=True)
 
 
 def model_config_from_onnx(onnx_path: Path, params: Params, model_name: str, versions: Sequence[int] = ()) -> str:
