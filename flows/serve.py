@@ -23,7 +23,7 @@ import requests
 from cwtops.core.config import DEFAULT_PARAMS, Params, load_params
 from cwtops.core.errors import CwtopsError
 from cwtops.services.processes import state_dir
-from cwtops.serving.webhook import PATH, WebhookVerifier, make_server
+from cwtops.serving.webhook import PATH, WebhookServer, WebhookVerifier, make_app
 
 log = logging.getLogger(__name__)
 WEBHOOK_NAME = "cwtops-rollout"
@@ -76,7 +76,8 @@ def register_mlflow_webhook(params: Params, receiver_url: str, secret: str) -> s
     return hook.webhook_id
 
 
-def start_receiver(params: Params, params_file: str, secret: str) -> threading.Thread:
+def start_receiver(params: Params, params_file: str, secret: str) -> WebhookServer:
+    """The webhook receiver, listening on rollout.webhook_host:webhook_port when this returns."""
     from flows.rollout import rollout_flow
 
     def on_promotion(payload: dict) -> None:
@@ -84,10 +85,8 @@ def start_receiver(params: Params, params_file: str, secret: str) -> threading.T
         rollout_flow(params_file=params_file)
 
     cfg = params.rollout
-    server = make_server(cfg.webhook_host, cfg.webhook_port, WebhookVerifier(secret), params.base.model_name, on_promotion)
-    thread = threading.Thread(target=server.serve_forever, name="webhook", daemon=True)
-    thread.start()
-    return thread
+    app = make_app(WebhookVerifier(secret), params.base.model_name, on_promotion)
+    return WebhookServer(app, cfg.webhook_host, cfg.webhook_port).start()
 
 
 def _converge_once(rollout_flow: object, params_file: str) -> None:

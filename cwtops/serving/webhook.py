@@ -3,21 +3,32 @@
 MLflow (>= 3.3, SQL backend) signs `"{delivery_id}.{timestamp}.{body}"` with HMAC-SHA256 and
 sends `X-MLflow-Signature: v1,<base64>`, `X-MLflow-Timestamp` (unix seconds) and
 `X-MLflow-Delivery-Id`. A request outside the replay window, seen before, or not signed with
-our secret is rejected and starts nothing.
+our secret is rejected and starts nothing. The receiver is a FastAPI app (`make_app`) served by
+uvicorn on a daemon thread (`WebhookServer`), leaving the process's signal handling alone.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import errno
 import hashlib
 import hmac
 import json
 import logging
+import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Self
+
+import uvicorn
+from fastapi import BackgroundTasks, FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from cwtops.core.errors import CwtopsError
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +63,7 @@ class WebhookVerifier:
         self._seen: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def verify(self, headers: dict[str, str], body: bytes) -> dict:
+    def verify(self, headers: Mapping[str, str], body: bytes) -> dict:
         delivery_id = headers.get(DELIVERY_HEADER, "")
         timestamp = headers.get(TIMESTAMP_HEADER, "")
         signature = headers.get(SIGNATURE_HEADER, "")
@@ -74,9 +85,12 @@ class WebhookVerifier:
                 raise WebhookRejected(HTTPStatus.CONFLICT, "replayed delivery id")
             self._seen[delivery_id] = now
         try:
-            return json.loads(body)
-        except json.JSONDecodeError:
+            payload = json.loads(body)
+        except ValueError:  # JSONDecodeError, and UnicodeDecodeError for bytes that are not text
             raise WebhookRejected(HTTPStatus.BAD_REQUEST, "body is not JSON") from None
+        if not isinstance(payload, dict):
+            raise WebhookRejected(HTTPStatus.BAD_REQUEST, "body is not a JSON object")
+        return payload
 
 
 def is_promotion(payload: dict, model_name: str, alias: str = "production") -> bool:
@@ -89,42 +103,118 @@ def is_promotion(payload: dict, model_name: str, alias: str = "production") -> b
     )
 
 
-def make_server(
-    host: str, port: int, verifier: WebhookVerifier, model_name: str, on_promotion: Callable[[dict], None]
-) -> ThreadingHTTPServer:
-    """An HTTP server whose POST /mlflow/webhook verifies, answers at once, then acts."""
+def make_app(verifier: WebhookVerifier, model_name: str, on_promotion: Callable[[dict], None]) -> FastAPI:
+    """An app whose POST /mlflow/webhook verifies, answers at once, then acts."""
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)  # no route but PATH
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - http.server naming
-            if self.path != PATH:
-                self._answer(HTTPStatus.NOT_FOUND, "unknown path")
-                return
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY:
-                self._answer(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body too large")
-                return
-            body = self.rfile.read(length)
-            try:
-                payload = verifier.verify(dict(self.headers.items()), body)
-            except WebhookRejected as rejected:
-                log.warning("webhook rejected: %s", rejected)
-                self._answer(rejected.status, str(rejected))
-                return
-            relevant = is_promotion(payload, model_name)
-            self._answer(HTTPStatus.ACCEPTED if relevant else HTTPStatus.OK, "accepted" if relevant else "ignored")
-            if relevant:
-                # MLflow delivers fire-and-forget: answer first, roll out in the background.
-                threading.Thread(target=on_promotion, args=(payload,), daemon=True).start()
+    @app.exception_handler(HTTPException)
+    async def unrouted(request: Request, error: HTTPException) -> JSONResponse:
+        message = "unknown path" if error.status_code == HTTPStatus.NOT_FOUND else str(error.detail).lower()
+        return _answer(error.status_code, message)
 
-        def _answer(self, status: HTTPStatus, message: str) -> None:
-            data = json.dumps({"status": message}).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    @app.post(PATH)
+    async def receive(request: Request, background: BackgroundTasks) -> JSONResponse:
+        body = await _read_body(request)
+        if body is None:
+            return _answer(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body too large")
+        try:
+            payload = verifier.verify(request.headers, body)
+        except WebhookRejected as rejected:
+            log.warning("webhook rejected: %s", rejected)
+            return _answer(rejected.status, str(rejected))
+        if not is_promotion(payload, model_name):
+            return _answer(HTTPStatus.OK, "ignored")
+        # MLflow delivers fire-and-forget: answer first, roll out in the background. The rollout
+        # blocks for seconds, so it gets its own daemon thread: as a sync background task it would
+        # hold a worker of the shared thread pool and keep this request's task open, so stop()
+        # would wait for it.
+        background.add_task(_start_thread, on_promotion, payload)
+        return _answer(HTTPStatus.ACCEPTED, "accepted")
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-            log.info("webhook %s", format % args)
+    return app
 
-    return ThreadingHTTPServer((host, port), Handler)
+
+async def _read_body(request: Request) -> bytes | None:
+    """The body, or None when it is over MAX_BODY (declared or actually sent)."""
+    declared = request.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY:
+        return None  # refused before a byte of it is read
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:  # a chunked body, or one longer than it said
+            return None
+    return bytes(body)
+
+
+def _answer(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"status": message}, status_code=status)
+
+
+async def _start_thread(target: Callable[[dict], None], payload: dict) -> None:
+    threading.Thread(target=target, args=(payload,), name="webhook-rollout", daemon=True).start()
+
+
+class _ThreadServer(uvicorn.Server):
+    """uvicorn's server without its SIGINT/SIGTERM handlers: the process owns its signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class WebhookServer:
+    """An ASGI app served by uvicorn on a daemon thread: `start()` returns once it is listening."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host = host
+        self.port = port  # the bound port once started (port 0 picks a free one)
+        config = uvicorn.Config(app, host=host, port=port, log_config=None, lifespan="off", timeout_graceful_shutdown=2)
+        self._server = _ThreadServer(config)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}{PATH}"
+
+    def start(self, timeout: float = 10.0) -> Self:
+        # Bound here, not by uvicorn: a port in use is an error in the caller, not a log line and
+        # a thread that quietly ends.
+        sock = self._bind()
+        self.port = sock.getsockname()[1]
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="webhook", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                sock.close()
+                raise CwtopsError(f"webhook receiver did not start on {self.host}:{self.port}; see the log above")
+            time.sleep(0.01)
+        log.info("webhook receiver listening on %s", self.url)
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop accepting, let answers in progress finish (2 s at most), and end the thread."""
+        if self._thread is None:
+            return
+        self._server.should_exit = True
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._server.force_exit = True
+            self._thread.join(1.0)
+
+    def _bind(self) -> socket.socket:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        try:
+            return socket.create_server((self.host, self.port), family=family)
+        except OSError as error:
+            hint = ("; is another `cwtops serve` running? Set rollout.webhook_port to a free port"
+                    if error.errno == errno.EADDRINUSE else "")
+            raise CwtopsError(f"webhook receiver cannot listen on {self.host}:{self.port}: {error.strerror or error}{hint}") from error
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
