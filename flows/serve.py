@@ -1,8 +1,8 @@
 """`cwtops serve`: Prefect server + deployments, the MLflow webhook and its receiver, in one command.
 
 - Prefect: joins PREFECT_API_URL when set, else starts a local server on 127.0.0.1.
-- Deployments (served by this process): nightly retraining on `rollout.retrain_cron`, and the
-  rollout reconciler every `rollout.reconcile_seconds`.
+- Deployments (served by this process): those prefect.yaml lists, the one place they are written
+  (nightly retraining, the rollout reconciler every minute; flows/deployments.py reads them).
 - Webhook: MLflow calls the receiver on `model_version_alias.created`; a verified promotion of
   the registered model runs the rollout flow at once (the schedule is the safety net).
 """
@@ -105,7 +105,7 @@ def serve(params_file: str = str(DEFAULT_PARAMS), webhook: bool = True) -> None:
 
     params = load_params(params_file)
     print(f"Prefect API: {ensure_prefect_server()}")  # before Prefect is imported: it reads the URL once
-    from flows.pipeline import train_flow
+    from flows.deployments import runner_deployments
     from flows.rollout import rollout_flow
 
     print(f"MLflow: {ensure_server(params)}")
@@ -119,10 +119,7 @@ def serve(params_file: str = str(DEFAULT_PARAMS), webhook: bool = True) -> None:
         print(f"webhook receiver: {receiver}")
     absolute = str(Path(params_file).resolve())
     _converge_once(rollout_flow, absolute)
-    serve_deployments(
-        train_flow.to_deployment(name="nightly", cron=params.rollout.retrain_cron, parameters={"params_file": absolute}),
-        rollout_flow.to_deployment(name="reconcile", interval=params.rollout.reconcile_seconds, parameters={"params_file": absolute}),
-    )
+    serve_deployments(*runner_deployments(absolute))
 
 
 def exit_within(seconds: float, reason: str) -> threading.Timer:

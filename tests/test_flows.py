@@ -144,3 +144,31 @@ def test_version_with_corrupted_onnx_is_not_rolled_out(in_project: Path, params,
     assert reconcile(params).action == "skipped"  # a failed version is not retried every minute
     promote(params, serving)
     assert reconcile(params).action in ("noop", "rolled_out")
+
+
+def test_serve_runs_exactly_the_deployments_prefect_yaml_lists() -> None:
+    """Deployments are written once: what `cwtops serve` serves is read from prefect.yaml."""
+    import yaml
+
+    from flows.deployments import PREFECT_FILE, flow_of, runner_deployments
+
+    written = yaml.safe_load(PREFECT_FILE.read_text())["deployments"]
+    served = runner_deployments("/project/params.yaml")
+    assert [(d.name, d.flow_name) for d in served] == [
+        (entry["name"], flow_of(entry["entrypoint"], "prefect.yaml").name) for entry in written]
+    for deployment, entry in zip(served, written, strict=True):
+        assert deployment.parameters == {**entry["parameters"], "params_file": "/project/params.yaml"}
+        assert deployment.description == entry["description"]
+        assert deployment.concurrency_limit == entry.get("concurrency_limit")
+        schedules = [s.schedule for s in deployment.schedules]
+        assert [getattr(s, "cron", None) for s in schedules] == [e.get("cron") for e in entry["schedules"]]
+        assert [s.interval.total_seconds() if hasattr(s, "interval") else None for s in schedules] == [
+            e.get("interval") for e in entry["schedules"]]
+
+
+def test_moved_schedule_keys_name_where_they_went() -> None:
+    from cwtops.core.config import params_from_dict
+    from cwtops.core.errors import CwtopsError
+
+    with pytest.raises(CwtopsError, match=r"rollout.retrain_cron' is no longer a param: .*prefect.yaml"):
+        params_from_dict({"rollout": {"retrain_cron": "0 3 * * *"}}, "params.yaml")

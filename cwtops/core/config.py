@@ -169,8 +169,6 @@ class RolloutConfig(Section):
     promotion: Literal["manual", "auto"] = "manual"
     metric: Literal["accuracy", "balanced_accuracy", "macro_f1"] = "macro_f1"
     margin: float = Field(0.0, ge=0)
-    retrain_cron: str = "0 2 * * *"
-    reconcile_seconds: int = Field(60, ge=5)
     webhook_host: str = "127.0.0.1"
     webhook_port: int = Field(8787, ge=1, le=65535)
 
@@ -218,11 +216,20 @@ class Params(Section):
     variants: VariantsConfig = VariantsConfig()
 
 
+# Keys that moved out of params.yaml: where they live now.
+MOVED = {
+    "rollout.retrain_cron": "the nightly retraining schedule is written in prefect.yaml (deployment `nightly`)",
+    "rollout.reconcile_seconds": "the reconciler's schedule is written in prefect.yaml (deployment `reconcile`)",
+}
+
+
 def _describe(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"])
-        if item["type"] == "extra_forbidden":
+        if item["type"] == "extra_forbidden" and key in MOVED:
+            lines.append(f"'{key}' is no longer a param: {MOVED[key]}; remove it from the params file")
+        elif item["type"] == "extra_forbidden":
             lines.append(f"unknown key '{key}' (remove it or check its spelling)")
         else:
             lines.append(f"'{key}': {item['msg']} (got {item.get('input')!r})")
