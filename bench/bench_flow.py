@@ -115,7 +115,7 @@ def _stop_services(params: object, prefect: subprocess.Popen) -> None:
     from cwtops.serving import server as triton_server
 
     triton_server.stop(params)
-    tracking.stop(params)
+    tracking.stop(params.mlflow)
     os.killpg(prefect.pid, signal.SIGTERM)
     prefect.wait(30)
 
@@ -129,7 +129,7 @@ def _measure(params: object, quick: bool) -> dict:
     if quick:
         write_sample_dataset(params.base.raw_dir, seed=params.base.seed, counts=SMALL_COUNTS)
     list(init_project(params))
-    ensure_server(params)
+    ensure_server(params.mlflow)
     start_triton(params)
     flow = _flow_overhead()
     noop = statistics.median(_timed(["dvc", "repro"]) for _ in range(3))
@@ -191,7 +191,7 @@ def _rollout_latency(params: object) -> float:
     from flows.serve import register_mlflow_webhook, start_receiver
     from tasks.track import run as track_run
 
-    track_run(params)
+    track_run(params.mlflow, params.base)
     newer = register(params).version
     secret = secrets.token_urlsafe(32)
     start_receiver(params, str(Path("params.yaml").resolve()), secret)
@@ -199,7 +199,7 @@ def _rollout_latency(params: object) -> float:
     register_mlflow_webhook(params, f"http://{cfg.webhook_host}:{cfg.webhook_port}/mlflow/webhook", secret)
     time.sleep(3)  # the MLflow server caches its webhook list for a few seconds
     started = time.monotonic()
-    answer = requests.post(f"{tracking_uri(params)}/api/2.0/mlflow/registered-models/alias",
+    answer = requests.post(f"{tracking_uri(params.mlflow)}/api/2.0/mlflow/registered-models/alias",
                            json={"name": params.base.model_name, "alias": "production", "version": str(newer)}, timeout=10)
     answer.raise_for_status()
     while served_version(params) != newer:

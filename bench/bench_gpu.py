@@ -30,12 +30,12 @@ def _train(root: Path, device: str) -> dict:
     from tasks import balance, evaluate, parse, train
 
     params = params_from_dict(_pipeline_params(root, device))
-    parse.run(params)
-    balance.run(params)
+    parse.run(params.parse, params.base)
+    balance.run(params.balance, params.base)
     started = time.perf_counter()
-    result = train.run(params)
+    result = train.run(params.train, params.base)
     seconds = time.perf_counter() - started
-    metrics = evaluate.run(params)
+    metrics = evaluate.run(params.evaluate, params.base)
     return {"device": device, "train_seconds": seconds, "epochs": result.epochs_run, "seconds_per_epoch": seconds / result.epochs_run, "test_macro_f1": metrics.macro_f1}
 
 

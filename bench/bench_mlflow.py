@@ -92,10 +92,10 @@ def _in_process(repeats: int) -> list[dict]:
     from tasks import track
 
     params = load_params()
-    server = urlparse(tracking_uri(params)).netloc
+    server = urlparse(tracking_uri(params.mlflow)).netloc
     rows = []
     for _ in range(repeats):
-        rows.append(_phase("track", lambda: track.run(params), server))
+        rows.append(_phase("track", lambda: track.run(params.mlflow, params.base), server))
         rows.append(_phase("register", lambda: registry.register(params), server))
     return rows
 
@@ -141,14 +141,14 @@ def run(quick: bool = False, pipeline_seconds: float | None = None) -> dict:
         fabricate_project(root, port, store, TreeShape(**REAL_SIZE))
         params = params_from_dict(params_dict(port, store, REAL_SIZE["epochs"]))
         started = time.perf_counter()
-        start(params, wait=300)
+        start(params.mlflow, wait=300)
         start_seconds = time.perf_counter() - started
         try:
             rows = _in_process(repeats)
             cwtops = str(Path(sys.executable).parent / "cwtops")
             cold = {"track": _subprocess_seconds([cwtops, "stage", "track"]), "register": _subprocess_seconds([cwtops, "register"])}
         finally:
-            stop(params)
+            stop(params.mlflow)
     summary = _summary(rows, cold, start_seconds, pipeline_seconds)
     print_table(f"MLflow per pipeline run (median of {repeats}; fresh process = as `dvc repro` runs the stage)",
                 summary["phases"], ["phase", "calls", "http_s", "local_s", "total_s", "fresh_process_s"])

@@ -58,7 +58,7 @@ def op_profile(path: Path, batch: np.ndarray, runs: int = 10, top: int = 5) -> l
 
 def measure(threads: int, repeats: int) -> tuple[list[dict], dict]:
     params = load_params()
-    source = artifact_paths(params).onnx
+    source = artifact_paths(params.base).onnx
     if not source.exists():
         raise CwtopsError(f"{source}: no float32 export here; run this in a built project (`dvc repro parity` or `cwtops run`)")
     cfg = VariantsConfig(repeats=repeats, threads=threads)
@@ -84,7 +84,7 @@ def measure(threads: int, repeats: int) -> tuple[list[dict], dict]:
 
 def run(quick: bool = False) -> dict:
     """In a built project (the current folder), else in the small sample project built first."""
-    if artifact_paths(load_params()).onnx.exists():
+    if artifact_paths(load_params().base).onnx.exists():
         return _run(quick)
     with tempfile.TemporaryDirectory(prefix="cwtops-bench-variants-") as scratch:
         root = _built_sample_project(Path(scratch))

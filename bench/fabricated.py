@@ -19,6 +19,8 @@ import pandas as pd
 import torch
 import yaml
 
+CHECKOUT = Path(__file__).resolve().parent.parent  # dvc.yaml beside bench/
+
 CLASSES = ("alpha", "beta", "gamma")
 SIGNAL_LENGTH = 256
 PER_CLASS = 12  # rows 0-5 train, 6-8 val, 9-11 test
@@ -144,6 +146,25 @@ def _git_commit(root: Path) -> str:
     return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
 
 
+def _dvc_lock(root: Path, params: dict) -> None:
+    """dvc.lock's params entries for the stages up to parity, as `dvc repro` records what each ran
+    with (the track stage mirrors them into MLflow)."""
+    from cwtops.core.config import params_from_dict
+
+    stages = yaml.safe_load((CHECKOUT / "dvc.yaml").read_text())["stages"]
+    full = params_from_dict(params).model_dump(mode="json")
+    lock: dict = {"schema": "2.0", "stages": {}}
+    for name, spec in stages.items():
+        if name == "track":
+            continue
+        values = {}
+        for key in spec.get("params", []):
+            section, _, field = key.partition(".")
+            values[key] = full[section][field] if field else full[section]
+        lock["stages"][name] = {"cmd": spec["cmd"], "params": {"params.yaml": values}}
+    (root / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
+
+
 def fabricate_project(root: Path, mlflow_port: int, store: Path, shape: TreeShape = TreeShape(), backend: str | None = None) -> str:
     """Write params.yaml, data, .dvc files and every artifact up to parity under `root`; returns the commit."""
     from cwtops.core.artifacts import sha256_file
@@ -166,4 +187,5 @@ def fabricate_project(root: Path, mlflow_port: int, store: Path, shape: TreeShap
     _parity(model, artifacts, sha256_file(artifacts / "export" / "model.onnx"), shape)
     (root / "data" / "raw.dvc").write_text(yaml.safe_dump({"outs": [{"md5": DATA_MD5, "path": "raw", "hash": "md5"}]}))
     (root / "my.txt.dvc").write_text(yaml.safe_dump({"outs": [{"md5": WEIGHTS_MD5, "path": "my.txt", "hash": "md5"}]}))
+    _dvc_lock(root, params)
     return _git_commit(root)

@@ -206,10 +206,10 @@ def split_signals(params: Params, split: str, limit: int | None = None) -> tuple
 
     With `limit`, a seeded random subset in manifest order (calibration needs a few hundred).
     """
-    manifest = read_manifest(artifact_paths(params).split_manifest, ["file", "row", "label", "split"])
+    manifest = read_manifest(artifact_paths(params.base).split_manifest, ["file", "row", "label", "split"])
     rows = manifest[manifest.split == split]
     if rows.empty:
-        raise CwtopsError(f"{artifact_paths(params).split_manifest}: no '{split}' rows; re-run the balance stage")
+        raise CwtopsError(f"{artifact_paths(params.base).split_manifest}: no '{split}' rows; re-run the balance stage")
     if limit is not None and limit < len(rows):
         chosen = np.random.default_rng(params.base.seed).choice(len(rows), limit, replace=False)
         rows = rows.iloc[np.sort(chosen)]
@@ -374,7 +374,7 @@ def score(models: dict[str, Path], signals: np.ndarray, labels: np.ndarray, cfg:
 def build(params: Params, cfg: VariantsConfig | None = None) -> BuildResult:
     """Build, score, time and gate every variant; write artifacts/variants/report.json atomically."""
     cfg = cfg or params.variants
-    source = artifact_paths(params).onnx
+    source = artifact_paths(params.base).onnx
     if not source.exists():
         raise CwtopsError(f"{source}: no float32 export; run the export stage first (`dvc repro export`)")
     signals, labels = test_set(params, class_names(source))
@@ -422,7 +422,7 @@ def registered_name(params: Params, variant: str) -> str:
 
 def checked_entry(params: Params, report: dict, variant: str) -> tuple[dict, str]:
     """The report entry of `variant` and its gate failure ("" when it passed), checked against the files."""
-    paths = artifact_paths(params)
+    paths = artifact_paths(params.base)
     if report.get("source_sha256") != sha256_file(paths.onnx):
         raise CwtopsError(f"{report_path(params)} was built from another {paths.onnx}; rebuild it (`cwtops variants build`)")
     entry = report.get("models", {}).get(variant)
@@ -449,7 +449,7 @@ def variant_tags(lineage: dict[str, str], run_id: str, variant: str, entry: dict
 
 def _variant_reference(params: Params, path: Path, work: Path) -> Path:
     """The parity reference inputs with this variant's own outputs (what its served copy is checked against)."""
-    inputs = np.load(artifact_paths(params).reference)["inputs"]
+    inputs = np.load(artifact_paths(params.base).reference)["inputs"]
     target = work / "reference.npz"
     np.savez(target, inputs=inputs, outputs=predict(session(path), inputs[:, 0, :]))
     return target
@@ -518,10 +518,10 @@ def register_variants(params: Params, variants: tuple[str, ...] | None = None) -
     from cwtops.registry.server import with_retries
     from cwtops.registry.versions import checked_parity, registry_client, tracked_run
 
-    checked_parity(artifact_paths(params))
+    checked_parity(artifact_paths(params.base))
     report = load_report(params)
     names = variants or tuple(name for name in report.get("models", {}) if name != "float32")
-    run_id, current = load_run(params)["run_id"], lineage(params)
+    run_id, current = load_run(params.base)["run_id"], lineage(params.base)
     with registry_client(params) as client:
         context = (current, tracked_run(client, run_id, current))
         return [

@@ -30,13 +30,13 @@ def main_job(params_file: str = str(DEFAULT_PARAMS)) -> dict:
     params = load_params(params_file)
     for line in init_project(params):
         print(line)
-    print(f"MLflow tracking: {ensure_server(params)}")
+    print(f"MLflow tracking: {ensure_server(params.mlflow)}")
     print(f"Triton: {start_triton(params)}")
     print(f"Prefect API: {ensure_prefect_server()}")  # before Prefect is imported: it reads the URL once
     from flows.pipeline import train_flow
 
     summary = train_flow(params_file=params_file)
-    reference = np.load(artifact_paths(params).reference)
+    reference = np.load(artifact_paths(params.base).reference)
     signals = reference["inputs"][:3]
     predictions = classify(_triton_url(params), params.base.model_name, signals, top_k=2)
     summary["served_prediction"] = predictions

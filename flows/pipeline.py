@@ -64,7 +64,7 @@ PIPELINE = STAGES  # written once, in tasks/stages.py; tests/test_dvc_deps.py ch
 
 
 def _summary(params: Params, ran: dict, version: int, decision: str, outcome: RolloutOutcome | None) -> dict:
-    paths = artifact_paths(params)
+    paths = artifact_paths(params.base)
     track = json.loads(paths.track_run.read_text())
     return {
         "stages_run": [name for name, done in ran.items() if done.ran],

@@ -67,7 +67,7 @@ def register_mlflow_webhook(params: Params, receiver_url: str, secret: str) -> s
     from cwtops.registry.server import ensure_server
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=ensure_server(params))
+    client = MlflowClient(tracking_uri=ensure_server(params.mlflow))
     for hook in client.list_webhooks():
         if hook.name == WEBHOOK_NAME:
             client.update_webhook(hook.webhook_id, url=receiver_url, secret=secret, events=["model_version_alias.created"], status="ACTIVE")
@@ -108,7 +108,7 @@ def serve(params_file: str = str(DEFAULT_PARAMS), webhook: bool = True) -> None:
     from flows.deployments import runner_deployments
     from flows.rollout import rollout_flow
 
-    print(f"MLflow: {ensure_server(params)}")
+    print(f"MLflow: {ensure_server(params.mlflow)}")
     start_triton(params)
     if webhook:
         secret = os.environ.get("CWTOPS_WEBHOOK_SECRET") or secrets.token_urlsafe(32)

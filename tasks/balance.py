@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from cwtops.core.artifacts import write_json
-from cwtops.core.config import BalanceConfig, Params
+from cwtops.core.config import BalanceConfig, BaseConfig
 from cwtops.core.derived import AUTO, auto_val_fraction
 from cwtops.core.errors import CwtopsError
 from cwtops.core.paths import artifact_paths
@@ -134,15 +134,14 @@ def split_counts(split_manifest: pd.DataFrame) -> dict[str, dict[str, int]]:
     }
 
 
-def run(params: Params) -> BalanceResult:
+def run(cfg: BalanceConfig, base: BaseConfig) -> BalanceResult:
     """Read the parse stage's manifest; write the split manifest (CSV) and a summary (JSON)."""
-    paths = artifact_paths(params)
+    paths = artifact_paths(base)
     if not paths.manifest.is_file():
         raise CwtopsError(f"{paths.manifest}: manifest not found; run the parse stage first (`cwtops stage parse` or `dvc repro parse`)")
     manifest = read_manifest(paths.manifest, MANIFEST_COLUMNS)
-    split = balance_manifest(manifest, params.balance, params.base.seed)
+    split = balance_manifest(manifest, cfg, base.seed)
     before = {label: int(n) for label, n in manifest[manifest.source_split == "train"].label.value_counts().sort_index().items()}
-    cfg = params.balance
     after = capped_counts(before, cfg.cap_factor, cfg.samples_per_class, cfg.min_limit)
     test_fraction = 0.0 if (manifest.source_split == "test").any() else cfg.test_fraction
     per_split = split_counts(split)
@@ -158,7 +157,7 @@ def run(params: Params) -> BalanceResult:
             "val_fraction": resolved_val_fraction(cfg, after, test_fraction),
             "val_fraction_derived": cfg.val_fraction == AUTO,
             "fixed_test_split": bool((manifest.source_split == "test").any()),
-            "seed": params.base.seed,
+            "seed": base.seed,
         },
     )
     return BalanceResult(before, after, per_split, paths.split_manifest)

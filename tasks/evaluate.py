@@ -27,7 +27,7 @@ from sklearn.metrics import (  # noqa: E402
 )
 
 from cwtops.core.artifacts import atomic_path, write_json, write_text  # noqa: E402
-from cwtops.core.config import Params  # noqa: E402
+from cwtops.core.config import BaseConfig, EvaluateConfig  # noqa: E402
 from cwtops.core.paths import ArtifactPaths, artifact_paths  # noqa: E402
 from cwtops.data.signals import SignalReader, load_signals, read_manifest  # noqa: E402
 from cwtops.model.network import HybridCWTNet, load_checkpoint  # noqa: E402
@@ -104,21 +104,21 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
-def run(params: Params) -> EvaluateResult:
+def run(cfg: EvaluateConfig, base: BaseConfig) -> EvaluateResult:
     """Score the best checkpoint on exactly the test split and write every report."""
-    paths = artifact_paths(params)
+    paths = artifact_paths(base)
     model, checkpoint = load_checkpoint(paths.model)
     classes: list[str] = checkpoint["class_names"]
     manifest = read_manifest(paths.split_manifest)
     test = manifest[manifest.split == "test"].reset_index(drop=True)
-    logits = test_logits(model, test, Path(params.base.raw_dir))
+    logits = test_logits(model, test, Path(base.raw_dir))
     index = {name: i for i, name in enumerate(classes)}
     y_true = test.label.map(index).to_numpy()
     y_pred = logits.argmax(axis=1)
     metrics = compute_metrics(y_true, y_pred)
     counts, percent = percent_confusion(y_true, y_pred, len(classes))
-    _write_reports(paths, params, classes, test, logits, y_true, y_pred, metrics, counts, percent)
-    results_dir = _copy_to_results(paths, Path(params.base.results_dir))
+    _write_reports(paths, cfg.report_digits, classes, test, logits, y_true, y_pred, metrics, counts, percent)
+    results_dir = _copy_to_results(paths, Path(base.results_dir))
     return EvaluateResult(
         metrics["accuracy"], metrics["balanced_accuracy"], metrics["macro_f1"], metrics["n_test"], results_dir
     )
@@ -126,7 +126,7 @@ def run(params: Params) -> EvaluateResult:
 
 def _write_reports(
     paths: ArtifactPaths,
-    params: Params,
+    digits: int,
     classes: list[str],
     test: pd.DataFrame,
     logits: np.ndarray,
@@ -136,7 +136,6 @@ def _write_reports(
     counts: np.ndarray,
     percent: np.ndarray,
 ) -> None:
-    digits = params.evaluate.report_digits
     labels = list(range(len(classes)))
     report_kwargs = {"labels": labels, "target_names": classes, "digits": digits, "zero_division": 0}
     write_json(paths.metrics, metrics)

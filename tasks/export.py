@@ -17,7 +17,7 @@ import onnx
 import torch
 
 from cwtops.core.artifacts import sha256_file, write_bytes
-from cwtops.core.config import Params
+from cwtops.core.config import BaseConfig, ExportConfig
 from cwtops.core.errors import CwtopsError
 from cwtops.core.paths import artifact_paths
 from cwtops.model.network import HybridCWTNet, load_checkpoint
@@ -81,14 +81,14 @@ def with_metadata(model_bytes: bytes, metadata: dict[str, str]) -> onnx.ModelPro
     return proto
 
 
-def run(params: Params) -> ExportResult:
+def run(cfg: ExportConfig, base: BaseConfig) -> ExportResult:
     """Export the best checkpoint; the file appears only after the full checker passed."""
-    paths = artifact_paths(params)
+    paths = artifact_paths(base)
     model, checkpoint = load_checkpoint(paths.model)
     args = model.args
     metadata = {
         "class_names": json.dumps(checkpoint["class_names"]),
-        "model_name": params.base.model_name,
+        "model_name": base.model_name,
         "filter_bank_sha256": checkpoint["filter_bank_sha256"],
         "signal_length": str(args.signal_length),
         "hop": str(args.hop),
@@ -97,9 +97,9 @@ def run(params: Params) -> ExportResult:
     }
     try:
         proto = with_metadata(
-            onnx_bytes(model, args.signal_length, params.export.opset, params.export.dynamic_length), metadata
+            onnx_bytes(model, args.signal_length, cfg.opset, cfg.dynamic_length), metadata
         )
     except onnx.checker.ValidationError as error:
         raise CwtopsError(f"{paths.onnx}: exported graph fails onnx.checker: {error}") from None
     write_bytes(paths.onnx, proto.SerializeToString())
-    return ExportResult(paths.onnx, sha256_file(paths.onnx), params.export.opset, args.signal_length, args.n_classes)
+    return ExportResult(paths.onnx, sha256_file(paths.onnx), cfg.opset, args.signal_length, args.n_classes)

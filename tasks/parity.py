@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from cwtops.core.artifacts import atomic_path, sha256_file, write_json
-from cwtops.core.config import Params, ParityConfig
+from cwtops.core.config import BaseConfig, ParityConfig
 from cwtops.core.errors import CwtopsError
 from cwtops.core.paths import artifact_paths
 from cwtops.data.signals import load_signals, read_manifest
@@ -94,9 +94,9 @@ def check_cases(
     return results
 
 
-def run(params: Params) -> ParityResult:
+def run(cfg: ParityConfig, base: BaseConfig) -> ParityResult:
     """Compare PyTorch and ONNX Runtime; write the report and the reference; fail beyond tolerance."""
-    paths, cfg = artifact_paths(params), params.parity
+    paths = artifact_paths(base)
     model, checkpoint = load_checkpoint(paths.model)
     metadata = read_metadata(paths.onnx)
     if metadata.get("filter_bank_sha256") != checkpoint["filter_bank_sha256"]:
@@ -106,9 +106,9 @@ def run(params: Params) -> ParityResult:
     manifest = read_manifest(paths.split_manifest)
     test_rows = manifest[manifest.split == "test"]
     # the first `max_test_signals` (all of most test splits): bounded memory for a very large one
-    test_signals = load_signals(test_rows.head(cfg.max_test_signals), Path(params.base.raw_dir))
+    test_signals = load_signals(test_rows.head(cfg.max_test_signals), Path(base.raw_dir))
     session = onnx_session(paths.onnx)
-    cases = check_cases(model, session, _cases(test_signals, cfg, test_signals.shape[1], params.base.seed, len(test_rows) <= cfg.max_test_signals), cfg)
+    cases = check_cases(model, session, _cases(test_signals, cfg, test_signals.shape[1], base.seed, len(test_rows) <= cfg.max_test_signals), cfg)
     report = _report(cases, cfg, sha256_file(paths.onnx), mismatch)
     reference = test_signals[:REFERENCE_SIGNALS][:, None, :]
     with atomic_path(paths.reference) as tmp:

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from cwtops.core.artifacts import atomic_path, write_json
-from cwtops.core.config import Params
+from cwtops.core.config import BaseConfig, ParseConfig
+from cwtops.core.derived import AUTO, auto_hop
 from cwtops.core.errors import CwtopsError
 from cwtops.core.paths import artifact_paths
 from cwtops.data.signals import load_signals, scan_raw
@@ -49,21 +50,26 @@ def load_filter_bank(path: Path | str) -> tuple[torch.Tensor, torch.Tensor, list
     return payload["matrix"], payload["lengths"], list(payload["names"])
 
 
-def run(params: Params) -> ParseResult:
+def resolve_hop(cfg: ParseConfig, signal_length: int) -> int:
+    """parse.hop, or for `auto` the decimation that leaves the head 256-511 time steps."""
+    return auto_hop(signal_length) if cfg.hop == AUTO else int(cfg.hop)
+
+
+def run(cfg: ParseConfig, base: BaseConfig) -> ParseResult:
     """Parse the weight file and scan the raw signals; write both artifacts atomically."""
-    paths = artifact_paths(params)
-    bank = parse_weight_file(params.base.weights)
-    manifest = scan_raw(Path(params.base.raw_dir))
-    signal_length = int(load_signals(manifest.head(1), Path(params.base.raw_dir)).shape[1])
-    fitted = params.parse.bank == "auto" and is_default_bank(bank)
+    paths = artifact_paths(base)
+    bank = parse_weight_file(base.weights)
+    manifest = scan_raw(Path(base.raw_dir))
+    signal_length = int(load_signals(manifest.head(1), Path(base.raw_dir)).shape[1])
+    fitted = cfg.bank == "auto" and is_default_bank(bank)
     if fitted:  # the generated default, not a user's own bank: its range follows the data
         bank, _ = fitted_filter_bank(signal_length, len(bank.names))
         warnings = []
     else:  # a user's bank is used exactly as written; what does not fit the data is reported
         warnings = fit_warnings(bank, signal_length)
         for warning in warnings:
-            log.warning("%s: %s", params.base.weights, warning)
-            print(f"warning: {params.base.weights}: {warning}", flush=True)
+            log.warning("%s: %s", base.weights, warning)
+            print(f"warning: {base.weights}: {warning}", flush=True)
     matrix, lengths = bank.padded()
     sha = filter_bank_sha256(matrix, lengths)
 
@@ -72,7 +78,7 @@ def run(params: Params) -> ParseResult:
         paths.filter_bank_summary,
         {
             "sha256": sha,
-            "source": str(params.base.weights),
+            "source": str(base.weights),
             "names": list(bank.names),
             "lengths": [int(n) for n in lengths],
             "kernel_size": int(matrix.shape[1]),
@@ -81,6 +87,10 @@ def run(params: Params) -> ParseResult:
             # (parse.bank: auto); false: the file's own filters, as written
             "fitted_to_signals": fitted,
             "fit_warnings": warnings,
+            # the scalogram the head sees: |conv| (or its square), decimated by hop (`auto`: from the length)
+            "magnitude": cfg.magnitude,
+            "hop": resolve_hop(cfg, signal_length),
+            "hop_derived": cfg.hop == AUTO,
         },
     )
     with atomic_path(paths.manifest) as tmp:

@@ -1,7 +1,7 @@
 """Stage `track`: mirror one pipeline run into MLflow (the files on disk stay the source of truth).
 
 One MLflow run per pipeline run (or the run named by `CWTOPS_MLFLOW_RUN_ID`, when an
-orchestrator opened it): params (flattened params.yaml), per-epoch metrics in batches, test
+orchestrator opened it): params (each stage's, as dvc.lock records what it ran with), per-epoch metrics in batches, test
 metrics, parity figures, the percent confusion matrix and learning curves as figures, the
 classification report, a per-class gallery of scalograms, the parity report and the ONNX file;
 lineage tags (DVC hashes of the raw data and the weight file, split-manifest and filter-bank
@@ -24,13 +24,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from cwtops.core.artifacts import write_json
-from cwtops.core.config import Params, flatten
+from cwtops.core.config import BaseConfig, MlflowConfig
 from cwtops.core.errors import CwtopsError
 from cwtops.core.paths import ArtifactPaths, artifact_paths
 from cwtops.registry.lineage import lineage
-from cwtops.registry.server import bounded_client_retries, ensure_server, is_connection_error, require_reachable, unreachable
+from cwtops.registry.server import bounded_client_retries, ensure_server, is_connection_error, masked, require_reachable, unreachable
 
 if TYPE_CHECKING:  # torch and matplotlib load only when figures are drawn: `register` imports lineage from here
     import torch
@@ -200,26 +201,26 @@ def _check_inputs(paths: ArtifactPaths) -> None:
 
 
 def gallery_examples(
-    params: Params, classes: list[str], per_class: int = GALLERY_PER_CLASS
+    base: BaseConfig, classes: list[str], per_class: int = GALLERY_PER_CLASS
 ) -> dict[str, np.ndarray]:
     """The first `per_class` test signals of each class, read through the split manifest."""
     from cwtops.data.signals import load_signals
 
-    manifest = pd.read_csv(artifact_paths(params).split_manifest)
+    manifest = pd.read_csv(artifact_paths(base).split_manifest)
     test = manifest[manifest["split"] == "test"]
     examples = {}
     for label in classes:
         rows = test[test["label"].astype(str) == label].head(per_class)
-        examples[label] = load_signals(rows, Path(params.base.raw_dir)) if len(rows) else np.zeros((0, 0), np.float32)
+        examples[label] = load_signals(rows, Path(base.raw_dir)) if len(rows) else np.zeros((0, 0), np.float32)
     return examples
 
 
-def _checkpoint_gallery(params: Params) -> Figure:
+def _checkpoint_gallery(base: BaseConfig) -> Figure:
     from cwtops.model.network import load_checkpoint
 
-    model, checkpoint = load_checkpoint(artifact_paths(params).model)
+    model, checkpoint = load_checkpoint(artifact_paths(base).model)
     # `scalogram` is the front-end applied to the standardised signal: what the head sees.
-    return scalogram_gallery(gallery_examples(params, list(checkpoint["class_names"])), model.scalogram)
+    return scalogram_gallery(gallery_examples(base, list(checkpoint["class_names"])), model.scalogram)
 
 
 # ---------------------------------------------------------------- logging
@@ -237,7 +238,7 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
-def _open_run(client: MlflowClient, params: Params) -> tuple[str, str, bool]:
+def _open_run(client: MlflowClient, cfg: MlflowConfig, base: BaseConfig) -> tuple[str, str, bool]:
     """(run_id, experiment_id, created): the orchestrator's run when named, else a new one."""
     from mlflow.exceptions import MlflowException
 
@@ -250,8 +251,8 @@ def _open_run(client: MlflowClient, params: Params) -> tuple[str, str, bool]:
                 raise
             raise CwtopsError(f"{RUN_ENV}={given}: no such MLflow run ({error.message}); unset it to create a run") from None
         return given, run.info.experiment_id, False
-    experiment_id = _experiment_id(client, params.mlflow.experiment)
-    name = f"{params.base.model_name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    experiment_id = _experiment_id(client, cfg.experiment)
+    name = f"{base.model_name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     run = client.create_run(experiment_id, run_name=name)  # tags follow in the first log_batch
     return run.info.run_id, experiment_id, True
 
@@ -268,14 +269,14 @@ def run_note(model_name: str, test: dict, parity: dict, lineage_tags: dict[str, 
     )
 
 
-def _run_tags(params: Params, paths: ArtifactPaths, lineage_tags: dict[str, str]) -> dict[str, str]:
+def _run_tags(base: BaseConfig, paths: ArtifactPaths, lineage_tags: dict[str, str]) -> dict[str, str]:
     test, parity = json.loads(paths.metrics.read_text()), json.loads(paths.parity_report.read_text())
-    note = run_note(params.base.model_name, test, parity, lineage_tags)
-    return {**lineage_tags, "model_name": params.base.model_name, "mlflow.source.git.commit": lineage_tags["git_commit"],
+    note = run_note(base.model_name, test, parity, lineage_tags)
+    return {**lineage_tags, "model_name": base.model_name, "mlflow.source.git.commit": lineage_tags["git_commit"],
             "mlflow.source.type": "JOB", "mlflow.source.name": "cwtops stage track", "mlflow.note.content": note}
 
 
-def _log_values(client: MlflowClient, run_id: str, params: Params, paths: ArtifactPaths, tags: dict[str, str]) -> int:
+def _log_values(client: MlflowClient, run_id: str, ran: dict[str, str], paths: ArtifactPaths, tags: dict[str, str]) -> int:
     """Params, tags, per-epoch and final metrics in as few `log_batch` calls as the limits allow."""
     from mlflow.entities import Param, RunTag
 
@@ -284,7 +285,7 @@ def _log_values(client: MlflowClient, run_id: str, params: Params, paths: Artifa
     metrics = epoch_metrics(pd.read_csv(paths.history), now) + final_metrics(
         json.loads(paths.metrics.read_text()), summary, json.loads(paths.parity_report.read_text()), now
     )
-    flat = [Param(key, value[:6000]) for key, value in flatten(params).items()]  # 6000: MLflow's value limit
+    flat = [Param(key, value[:6000]) for key, value in ran.items()]  # 6000: MLflow's value limit
     bank = json.loads(paths.filter_bank_summary.read_text()) if paths.filter_bank_summary.exists() else {}
     flat += [Param(f"resolved.{key}", str(value)) for key, value in resolved_settings(summary, bank).items()]
     plan = batch_plan(metrics, flat, [RunTag(key, value) for key, value in tags.items()])
@@ -293,11 +294,11 @@ def _log_values(client: MlflowClient, run_id: str, params: Params, paths: Artifa
     return len(plan)
 
 
-def _log_figures(client: MlflowClient, run_id: str, params: Params, paths: ArtifactPaths) -> None:
+def _log_figures(client: MlflowClient, run_id: str, base: BaseConfig, paths: ArtifactPaths) -> None:
     drawers = {
         "confusion_matrix.png": lambda: confusion_figure(json.loads(paths.confusion_json.read_text())),
         "learning_curves.png": lambda: learning_curves(pd.read_csv(paths.history)),
-        "scalogram_gallery.png": lambda: _checkpoint_gallery(params),
+        "scalogram_gallery.png": lambda: _checkpoint_gallery(base),
     }
     for name, draw in drawers.items():
         figure = draw()
@@ -316,7 +317,7 @@ def _log_files(client: MlflowClient, run_id: str, paths: ArtifactPaths) -> None:
             client.log_artifact(run_id, str(path), folder)
 
 
-def _log_training_data(client: MlflowClient, run_id: str, params: Params, paths: ArtifactPaths, data_hash: str) -> None:
+def _log_training_data(client: MlflowClient, run_id: str, base: BaseConfig, paths: ArtifactPaths, data_hash: str) -> None:
     """The split manifest's train rows as an MLflow dataset: source = raw dir, digest = DVC hash."""
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
@@ -324,7 +325,7 @@ def _log_training_data(client: MlflowClient, run_id: str, params: Params, paths:
     import mlflow
 
     manifest = pd.read_csv(paths.split_manifest)
-    raw_dir = Path(params.base.raw_dir)
+    raw_dir = Path(base.raw_dir)
     with warnings.catch_warnings():  # a local path matches two equivalent source types; int columns
         warnings.simplefilter("ignore", UserWarning)
         dataset = mlflow.data.from_pandas(
@@ -337,28 +338,51 @@ def _log_training_data(client: MlflowClient, run_id: str, params: Params, paths:
     client.log_inputs(run_id, datasets=[DatasetInput(entity, tags)])
 
 
-def _mirror(client: MlflowClient, run_id: str, params: Params, paths: ArtifactPaths, tags: dict[str, str]) -> None:
-    _log_values(client, run_id, params, paths, tags)
-    _log_training_data(client, run_id, params, paths, tags["data_dvc_md5"])
-    _log_figures(client, run_id, params, paths)
+def _mirror(client: MlflowClient, run_id: str, cfg: MlflowConfig, base: BaseConfig, paths: ArtifactPaths,
+            tags: dict[str, str]) -> None:
+    _log_values(client, run_id, ran_with(cfg, base), paths, tags)
+    _log_training_data(client, run_id, base, paths, tags["data_dvc_md5"])
+    _log_figures(client, run_id, base, paths)
     _log_files(client, run_id, paths)
 
 
-def run(params: Params) -> TrackResult:
+def ran_with(cfg: MlflowConfig, base: BaseConfig, lock: Path = Path("dvc.lock")) -> dict[str, str]:
+    """`section.key -> value` of the params this run was made with: each stage's, as dvc.lock
+    records what it ran with (DVC writes a stage's entry when the stage has run), and this stage's
+    own sections. Passwords in a database URI are masked."""
+    flat = _flat("base", base.model_dump(mode="json")) | _flat("mlflow", cfg.model_dump(mode="json"))
+    try:
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages") or {}
+    except FileNotFoundError:
+        stages = {}
+    for entry in stages.values():
+        for values in (entry.get("params") or {}).values():  # one mapping per params file
+            for key, value in values.items():
+                flat |= _flat(key, value) if isinstance(value, dict) else {key: str(value)}
+    if "mlflow.backend_store" in flat:
+        flat["mlflow.backend_store"] = masked(flat["mlflow.backend_store"])
+    return dict(sorted(flat.items()))
+
+
+def _flat(section: str, values: dict) -> dict[str, str]:
+    return {f"{section}.{key}": str(value) for key, value in values.items()}
+
+
+def run(cfg: MlflowConfig, base: BaseConfig) -> TrackResult:
     """Log this pipeline run into MLflow and record the run next to the other artifacts."""
     from mlflow import MlflowClient
 
     started = time.perf_counter()
-    paths = artifact_paths(params)
+    paths = artifact_paths(base)
     _check_inputs(paths)
-    tags = _run_tags(params, paths, lineage(params))
-    uri = ensure_server(params)
+    tags = _run_tags(base, paths, lineage(base))
+    uri = ensure_server(cfg)
     with bounded_client_retries():
         require_reachable(uri)
         client = MlflowClient(tracking_uri=uri)
         try:
-            run_id, experiment_id, created = _open_run(client, params)
-            _log_and_close(client, run_id, created, params, paths, tags)
+            run_id, experiment_id, created = _open_run(client, cfg, base)
+            _log_and_close(client, run_id, created, cfg, base, paths, tags)
         except Exception as error:
             if is_connection_error(error):
                 raise unreachable(uri, f"lost during tracking: {type(error).__name__}") from error
@@ -369,11 +393,12 @@ def run(params: Params) -> TrackResult:
 
 
 def _log_and_close(
-    client: MlflowClient, run_id: str, created: bool, params: Params, paths: ArtifactPaths, tags: dict[str, str]
+    client: MlflowClient, run_id: str, created: bool, cfg: MlflowConfig, base: BaseConfig, paths: ArtifactPaths,
+    tags: dict[str, str],
 ) -> None:
     """Mirror everything; a run we opened ends FINISHED, or FAILED when logging broke off."""
     try:
-        _mirror(client, run_id, params, paths, tags)
+        _mirror(client, run_id, cfg, base, paths, tags)
     except Exception as error:
         if created and not is_connection_error(error):
             client.set_terminated(run_id, "FAILED")

@@ -20,7 +20,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cwtops.core.artifacts import atomic_path, sha256_file, write_json
-from cwtops.core.config import Params, TrainConfig
+from cwtops.core.config import BaseConfig, TrainConfig
 from cwtops.core.derived import WIDE_CHANNELS, WIDE_HIDDEN, TrainSettings, train_settings
 from cwtops.core.errors import CwtopsError
 from cwtops.core.paths import ArtifactPaths, artifact_paths
@@ -299,12 +299,31 @@ def evaluate_split(model: HybridCWTNet, data: Data, loss_fn: nn.Module, batch_si
     }
 
 
-def _fingerprint(params: Params, paths: ArtifactPaths, settings: TrainSettings) -> str:
-    """What a resumable checkpoint must match: the data split, the filter bank, the train params."""
+def _fingerprint(cfg: TrainConfig, paths: ArtifactPaths, settings: TrainSettings) -> str:
+    """What a resumable checkpoint must match: the data split, the filter bank and its front-end
+    settings, the train params."""
     return "|".join(
-        [sha256_file(paths.split_manifest), sha256_file(paths.filter_bank), params.train.model_dump_json(),
-         json.dumps(settings.summary(), sort_keys=True)]
+        [sha256_file(paths.split_manifest), sha256_file(paths.filter_bank), sha256_file(paths.filter_bank_summary),
+         cfg.model_dump_json(), json.dumps(settings.summary(), sort_keys=True)]
     )
+
+
+@dataclass(frozen=True)
+class FrontEnd:
+    """The scalogram the head sees, as the parse stage resolved it (params section `parse`)."""
+
+    hop: int
+    hop_derived: bool
+    magnitude: str
+
+
+def read_front_end(paths: ArtifactPaths) -> FrontEnd:
+    summary = json.loads(paths.filter_bank_summary.read_text())
+    try:
+        return FrontEnd(int(summary["hop"]), bool(summary["hop_derived"]), str(summary["magnitude"]))
+    except KeyError:
+        raise CwtopsError(f"{paths.filter_bank_summary}: written by an older parse stage (no hop or magnitude); "
+                          "run `dvc repro parse` (or `cwtops stage parse`) again") from None
 
 
 @dataclass
@@ -369,17 +388,17 @@ def _write_history(path: Path, history: list[dict]) -> None:
         pd.DataFrame(history, columns=HISTORY_COLUMNS).to_csv(tmp, index=False)
 
 
-def model_args(params: Params, n_filters: int, kernel_size: int, n_classes: int, signal_length: int, hop: int,
-               members: int = 1, channels: tuple[int, int, int, int] = WIDE_CHANNELS, hidden: int = WIDE_HIDDEN) -> ModelArgs:
+def model_args(cfg: TrainConfig, magnitude: str, n_filters: int, kernel_size: int, n_classes: int, signal_length: int,
+               hop: int, members: int = 1, channels: tuple[int, int, int, int] = WIDE_CHANNELS,
+               hidden: int = WIDE_HIDDEN) -> ModelArgs:
     """The head's shape: params.yaml's settings with the resolved (`auto`) values passed in."""
-    cfg = params.train
     return ModelArgs(
         n_filters=n_filters,
         kernel_size=kernel_size,
         n_classes=n_classes,
         signal_length=signal_length,
         hop=hop,
-        magnitude=params.parse.magnitude,
+        magnitude=magnitude,
         channels=channels,
         hidden=hidden,
         dropout=cfg.dropout,
@@ -390,11 +409,11 @@ def model_args(params: Params, n_filters: int, kernel_size: int, n_classes: int,
     )
 
 
-def _build(params: Params, matrix: torch.Tensor, n_classes: int, signal_length: int, settings: TrainSettings,
-           device: torch.device) -> HybridCWTNet:
-    args = model_args(params, matrix.shape[0], matrix.shape[1], n_classes, signal_length, settings.hop, settings.members,
-                      settings.channels, settings.hidden)
-    torch.manual_seed(params.base.seed)
+def _build(cfg: TrainConfig, seed: int, front: FrontEnd, matrix: torch.Tensor, n_classes: int, signal_length: int,
+           settings: TrainSettings, device: torch.device) -> HybridCWTNet:
+    args = model_args(cfg, front.magnitude, matrix.shape[0], matrix.shape[1], n_classes, signal_length, settings.hop,
+                      settings.members, settings.channels, settings.hidden)
+    torch.manual_seed(seed)
     return training_layout(HybridCWTNet(args, matrix).to(device))
 
 
@@ -404,15 +423,16 @@ def training_layout(model: HybridCWTNet) -> HybridCWTNet:
     return model.to(memory_format=torch.channels_last)
 
 
-def resolve_settings(params: Params, manifest: pd.DataFrame, signal_length: int, bank_shape: tuple[int, int],
-                     n_classes: int) -> TrainSettings:
-    """hop, epochs, batch size and patience: params.yaml's values, `auto` ones from the data."""
-    cfg = params.train
+def resolve_settings(cfg: TrainConfig, front: FrontEnd, manifest: pd.DataFrame, signal_length: int,
+                     bank_shape: tuple[int, int], n_classes: int) -> TrainSettings:
+    """Epochs, batch size, patience, width and input: params.yaml's values, `auto` ones from the data
+    (hop as the parse stage resolved it)."""
     n_train = int((manifest.split == "train").sum())
     has_val = bool((manifest.split == "val").any())
 
     def forward_flops(hop: int, channels: tuple[int, int, int, int], hidden: int) -> float:
-        flops = head_flops(model_args(params, *bank_shape, n_classes, signal_length, hop, channels=channels, hidden=hidden))
+        flops = head_flops(model_args(cfg, front.magnitude, *bank_shape, n_classes, signal_length, hop, channels=channels,
+                                      hidden=hidden))
         return float(sum(value for layer, value in flops.items() if layer != "frontend"))
 
     def input_bytes(hop: int) -> int:  # every train and val scalogram as float32, in this process
@@ -420,14 +440,15 @@ def resolve_settings(params: Params, manifest: pd.DataFrame, signal_length: int,
         return n_signals * bank_shape[0] * -(-signal_length // hop) * 4
 
     members = cfg.members if cfg.head == "1d" else 1  # the 2-D head trains alone
-    return train_settings(params.parse.hop, cfg.epochs, cfg.batch_size, cfg.patience, signal_length, n_train, has_val,
-                          forward_flops, members, cfg.input, input_bytes, cfg.max_steps, cfg.channels, cfg.hidden)
+    settings = train_settings(front.hop, cfg.epochs, cfg.batch_size, cfg.patience, signal_length, n_train, has_val,
+                              forward_flops, members, cfg.input, input_bytes, cfg.max_steps, cfg.channels, cfg.hidden)
+    return replace(settings, derived=("parse.hop", *settings.derived)) if front.hop_derived else settings
 
 
-def run(params: Params) -> TrainResult:
+def run(cfg: TrainConfig, base: BaseConfig) -> TrainResult:
     """Train the head; write the best checkpoint, the per-epoch history and a summary."""
     started = time.perf_counter()
-    cfg, paths = params.train, artifact_paths(params)
+    paths = artifact_paths(base)
     device = select_device(cfg)
     world = init_world(device.type == "cuda")
     if device.type == "cuda" and world.distributed:
@@ -435,11 +456,12 @@ def run(params: Params) -> TrainResult:
     configure_backend(cfg, device, world)
     manifest = read_manifest(paths.split_manifest)
     classes = sorted(manifest.loc[manifest.split == "train", "label"].unique())
-    raw_dir = Path(params.base.raw_dir)
+    raw_dir = Path(base.raw_dir)
     signal_length = int(load_signals(manifest.head(1), raw_dir).shape[1])
     matrix, _, _ = load_filter_bank(paths.filter_bank)
-    settings = resolve_settings(params, manifest, signal_length, tuple(matrix.shape), len(classes))
-    model = _build(params, matrix, len(classes), signal_length, settings, device)
+    front = read_front_end(paths)
+    settings = resolve_settings(cfg, front, manifest, signal_length, tuple(matrix.shape), len(classes))
+    model = _build(cfg, base.seed, front, matrix, len(classes), signal_length, settings, device)
     log.info("training input: %s (train.input: %s)", settings.input, cfg.input)
     reading = {"model": model, "manifest": manifest, "raw_dir": raw_dir, "classes": classes, "device": device,
                "input_mode": settings.input, "signal_length": signal_length, "num_workers": cfg.num_workers}
@@ -458,16 +480,17 @@ def run(params: Params) -> TrainResult:
     amp_dtype = autocast_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     state = TrainState(model, optimizer, scheduler, scaler, [], model.state_dict())
-    fingerprint = _fingerprint(params, paths, settings)
+    fingerprint = _fingerprint(cfg, paths, settings)
     resumed_from = _try_resume(state, paths.last_checkpoint, fingerprint)
     if resumed_from:
         log.info("resuming from epoch %d (%s)", resumed_from, paths.last_checkpoint)
         print(f"resuming from epoch {resumed_from} ({paths.last_checkpoint})", flush=True)
 
-    _fit(state, train, val, params, settings, paths, amp_dtype, fingerprint, world)
+    _fit(state, train, val, cfg, base.seed, settings, paths, amp_dtype, fingerprint, world)
     model.load_state_dict(state.best_state)
     if world.is_main:
-        _write_outputs(state, params, settings, paths, classes, device, started, resumed_from, world, val is not None,
+        ran_with = {"base": {"seed": base.seed}, "train": cfg.model_dump(mode="json"), "parse": asdict(front)}
+        _write_outputs(state, ran_with, settings, paths, classes, device, started, resumed_from, world, val is not None,
                        load_seconds)
         paths.last_checkpoint.unlink(missing_ok=True)  # finished: the next run starts afresh
     close_world(world)
@@ -486,14 +509,14 @@ def _fit(
     state: TrainState,
     train: Data,
     val: Data | None,
-    params: Params,
+    cfg: TrainConfig,
+    seed: int,
     settings: TrainSettings,
     paths: ArtifactPaths,
     amp_dtype: torch.dtype | None,
     fingerprint: str,
     world: World = SINGLE_PROCESS,
 ) -> None:
-    cfg = params.train
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     head = wrap_head(state.model, world)  # built once: DDP broadcasts the parameters when it is made
     last_save = -float("inf")
@@ -505,8 +528,8 @@ def _fit(
             break
         tick = time.perf_counter()
         # Seeded per epoch, so a resumed run draws the same batches, augmentations and dropout masks.
-        torch.manual_seed(params.base.seed + epoch)
-        generator = torch.Generator().manual_seed(params.base.seed + epoch)
+        torch.manual_seed(seed + epoch)
+        generator = torch.Generator().manual_seed(seed + epoch)
         train_loss, steps = train_one_epoch(
             state.model, train, state.optimizer, state.scheduler, loss_fn, cfg, generator, amp_dtype, state.scaler,
             settings.batch_size, world, head, steps_left,
@@ -539,7 +562,7 @@ def _fit(
 
 def _write_outputs(
     state: TrainState,
-    params: Params,
+    ran_with: dict,
     settings: TrainSettings,
     paths: ArtifactPaths,
     classes: list[str],
@@ -557,7 +580,7 @@ def _write_outputs(
         model,
         classes,
         bank_sha,
-        params.model_dump(mode="json"),
+        ran_with,
         epoch=state.best_epoch,
         best_val_macro_f1=best_f1,
         settings=settings.summary(),

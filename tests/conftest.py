@@ -113,7 +113,7 @@ def new_version(params) -> int:
     from cwtops.registry.versions import register
     from tasks.track import run as track_run
 
-    track_run(params)
+    track_run(params.mlflow, params.base)
     return register(params).version
 
 

@@ -63,11 +63,11 @@ def mlflow_test_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CWTOPS_STATE_DIR", str(state))
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        info = start(params, wait=180)
+        info = start(params.mlflow, wait=180)
         try:
             yield MlflowTestServer(info["uri"], port, store, state, backend, cluster)
         finally:
-            stop(params)
+            stop(params.mlflow)
 
 
 @dataclass(frozen=True)

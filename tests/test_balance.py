@@ -146,9 +146,9 @@ def _params(tmp_path: Path, seed: int, **balance: object):  # noqa: ANN202
 
 def test_run_writes_split_manifest_and_summary(tmp_path: Path) -> None:
     params = _params(tmp_path, seed=5, **CAPPED)
-    paths = artifact_paths(params)
+    paths = artifact_paths(params.base)
     save_manifest(manifest({"1": 500, "NA": 90, "walk": 40}), paths.manifest)  # labels that look like numbers / NaN
-    result = run(params)
+    result = run(params.balance, params.base)
     assert result.split_manifest == paths.split_manifest
     assert result.counts_before == {"1": 500, "NA": 90, "walk": 40}
     assert result.counts_after == {"1": 120, "NA": 90, "walk": 40}
@@ -165,9 +165,9 @@ def test_run_is_byte_identical_for_one_seed(tmp_path: Path) -> None:
     csv_bytes = []
     for seed, folder in ((11, "one"), (11, "two"), (12, "three")):
         params = _params(tmp_path / folder, seed=seed, **CAPPED)
-        save_manifest(manifest(COUNTS, test={"a": 10}), artifact_paths(params).manifest)
-        run(params)
-        csv_bytes.append(artifact_paths(params).split_manifest.read_bytes())
+        save_manifest(manifest(COUNTS, test={"a": 10}), artifact_paths(params.base).manifest)
+        run(params.balance, params.base)
+        csv_bytes.append(artifact_paths(params.base).split_manifest.read_bytes())
     assert csv_bytes[0] == csv_bytes[1]
     assert csv_bytes[0] != csv_bytes[2]
 
@@ -175,4 +175,4 @@ def test_run_is_byte_identical_for_one_seed(tmp_path: Path) -> None:
 def test_run_without_manifest_says_what_to_do(tmp_path: Path) -> None:
     params = _params(tmp_path, seed=1)
     with pytest.raises(CwtopsError, match="manifest.csv: manifest not found; run the parse stage first"):
-        run(params)
+        run(params.balance, params.base)

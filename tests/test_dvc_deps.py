@@ -96,3 +96,33 @@ def test_editing_a_module_marks_exactly_the_stages_that_import_it(built_project:
     finally:
         path.write_bytes(original)
     assert json.loads(run([str(BIN / "dvc"), "status", "--json"], built_project, services_env).stdout) == json.loads(before)
+
+
+def base_fields_named(stage: str) -> set[str]:
+    """`base.<field>` read in the stage's module (artifact_paths(base) reads artifacts_dir)."""
+    from cwtops.core.config import BaseConfig
+
+    named = set()
+    for node in ast.walk(ast.parse((ROOT / "tasks" / f"{stage}.py").read_text())):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "base":
+            named.add(node.attr)
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "artifact_paths":
+            named.add("artifacts_dir")
+    return named & set(BaseConfig.model_fields)
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_stage_declares_its_own_section_and_base_only(stage: str) -> None:
+    """run(cfg, base) reads one section and base; dvc.yaml declares that section and the base keys it names."""
+    import inspect
+
+    from tasks.stages import SECTIONS, stage_function
+
+    section = SECTIONS[stage]
+    assert list(inspect.signature(stage_function(stage)).parameters) == ["cfg", "base"]
+    declared = [entry if isinstance(entry, str) else next(iter(entry)) for entry in STAGES[stage]["params"]]
+    foreign = [key for key in declared if key.split(".")[0] not in (section, "base")]
+    assert foreign == [], f"dvc.yaml stage {stage} declares params of other sections"
+    assert section in declared or any(key.startswith(f"{section}.") for key in declared)
+    if "base" not in declared:
+        assert base_fields_named(stage) <= {key.removeprefix("base.") for key in declared}, f"{stage} reads undeclared base keys"

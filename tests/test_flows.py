@@ -133,7 +133,7 @@ def test_version_with_corrupted_onnx_is_not_rolled_out(in_project: Path, params,
 
     serving = served_version(params, triton_server) or resolve_version(params, None)
     bad = new_version(params)
-    client = MlflowClient(tracking_uri=tracking_uri(params))
+    client = MlflowClient(tracking_uri=tracking_uri(params.mlflow))
     client.set_model_version_tag(params.base.model_name, str(bad), "onnx_sha256", "0" * 64)  # what tampering looks like
     promote(params, bad)
     outcome = reconcile(params)

@@ -104,7 +104,7 @@ def test_lineage_reads_dvc_hashes_and_file_digests(tmp_path: Path, monkeypatch: 
     (tmp_path / "artifacts" / "balance").mkdir()
     (tmp_path / "artifacts" / "balance" / "split_manifest.csv").write_text("sample_id,file,row,label,split\n")
     monkeypatch.chdir(tmp_path)
-    tags = lineage(params_from_dict({}))
+    tags = lineage(params_from_dict({}).base)
     assert tags["data_dvc_md5"] == DATA_MD5
     assert tags["weights_dvc_md5"] == "untracked"  # no my.txt.dvc
     assert tags["split_manifest_sha256"] == sha256_file(tmp_path / "artifacts/balance/split_manifest.csv")
@@ -193,8 +193,8 @@ def test_a_database_store_is_checked_before_the_server_starts_and_its_password_n
     assert masked(uri) == uri.replace("hunter2", "***") and masked("sqlite:///x.db") == "sqlite:///x.db"
     monkeypatch.chdir(tmp_path)  # the webhook-secret key of a database store is kept in ./mlflow/
     params = params_from_dict({"mlflow": {"backend_store": uri}})
-    assert not any("hunter2" in part for part in server_command(params, 5000))  # `ps` shows argv
-    assert server_env(params)["MLFLOW_BACKEND_STORE_URI"] == uri
+    assert not any("hunter2" in part for part in server_command(params.mlflow, 5000))  # `ps` shows argv
+    assert server_env(params.mlflow)["MLFLOW_BACKEND_STORE_URI"] == uri
 
 
 # ---------------------------------------------------------------- against a real server
@@ -213,7 +213,7 @@ def registered(fabricated_tree: FabricatedProject, mlflow_test_server: MlflowTes
         patch.setenv("MLFLOW_TRACKING_URI", mlflow_test_server.uri)
         patch.delenv("CWTOPS_MLFLOW_RUN_ID", raising=False)
         params = load_params()
-        tracked = track.run(params)
+        tracked = track.run(params.mlflow, params.base)
         result = registry.register(params)
     return {"params": params, "track": tracked, "register": result}
 
@@ -227,6 +227,7 @@ def _client(uri: str):  # noqa: ANN202
 @pytest.mark.slow
 def test_run_mirrors_params_epochs_figures_reports_and_lineage(registered: dict, in_fabricated: FabricatedProject) -> None:
     from cwtops.core.config import flatten
+    from cwtops.registry.server import masked
 
     run_id = registered["track"].run_id
     assert json.loads(Path("artifacts/track/run.json").read_text())["run_id"] == run_id
@@ -234,7 +235,12 @@ def test_run_mirrors_params_epochs_figures_reports_and_lineage(registered: dict,
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     mirrored = {k: v for k, v in run.data.params.items() if not k.startswith("resolved.")}  # + what `auto` became
-    assert mirrored == flatten(registered["params"]) and run.data.params["train.epochs"] == str(EPOCHS)
+    # what made the model: every stage's params as dvc.lock records them, and track's own (base, mlflow)
+    made_by = ("base", "parse", "balance", "train", "evaluate", "export", "parity", "mlflow")
+    expected = {k: v for k, v in flatten(registered["params"]).items() if k.split(".")[0] in made_by}
+    expected["mlflow.backend_store"] = masked(expected["mlflow.backend_store"])
+    assert mirrored == expected and run.data.params["train.epochs"] == str(EPOCHS)
+    assert not any(key.startswith(("triton.", "rollout.", "variants.")) for key in mirrored)
     for name in ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr"):
         assert [m.step for m in client.get_metric_history(run_id, name)] == list(range(1, EPOCHS + 1)), name
     assert run.data.metrics["test_macro_f1"] == pytest.approx(0.885714)
@@ -349,7 +355,7 @@ def test_unreachable_mlflow_fails_cleanly_and_touches_nothing(registered: dict, 
         register(registered["params"])
     assert time.monotonic() - started >= 3.0  # three probes, 1 s and 2 s apart
     with pytest.raises(CwtopsError, match=dead.replace(".", r"\.")):
-        track.run(registered["params"])
+        track.run(registered["params"].mlflow, registered["params"].base)
     assert {p: sha256_file(p) for p in sorted(p for p in Path("artifacts").rglob("*") if p.is_file())} == before
 
 
@@ -363,7 +369,7 @@ def test_track_logs_into_the_orchestrators_run(registered: dict, in_fabricated: 
     original = run_json.read_text()
     monkeypatch.setenv("CWTOPS_MLFLOW_RUN_ID", opened)
     try:
-        result = track.run(registered["params"])
+        result = track.run(registered["params"].mlflow, registered["params"].base)
         assert result.run_id == opened and not result.created
         assert json.loads(run_json.read_text())["run_id"] == opened
         run = client.get_run(opened)
@@ -373,7 +379,7 @@ def test_track_logs_into_the_orchestrators_run(registered: dict, in_fabricated: 
         run_json.write_text(original)
     monkeypatch.setenv("CWTOPS_MLFLOW_RUN_ID", "0" * 32)
     with pytest.raises(CwtopsError, match="CWTOPS_MLFLOW_RUN_ID"):
-        track.run(registered["params"])
+        track.run(registered["params"].mlflow, registered["params"].base)
 
 
 @pytest.mark.slow
@@ -431,7 +437,7 @@ def test_rollout_serves_the_production_alias_and_follows_it(registered: dict, in
                           "model_repository": str(tmp_path / "model_repository")}
     params = params_from_dict(settings)
     first = registered["register"].version
-    track.run(params)
+    track.run(params.mlflow, params.base)
     second = registry.register(params).version
     triton_server.start(params, wait=120)
     try:
@@ -469,7 +475,7 @@ def test_register_through_a_postgresql_restart_is_retried_or_refused_never_half_
 
     params, cluster = registered["params"], mlflow_test_server.cluster
     assert cluster is not None
-    tracked = track.run(params)  # a new run: register has a new version to create
+    tracked = track.run(params.mlflow, params.base)  # a new run: register has a new version to create
     outcome: list = []
 
     def register() -> None:
@@ -529,21 +535,21 @@ def test_server_lifecycle_with_s3_artifacts(tmp_path: Path, monkeypatch: pytest.
     params = params_from_dict({"mlflow": {"port": free_port(), "backend_store": f"sqlite:///{tmp_path / 'db' / 'mlflow.db'}",
                                           "artifacts_destination": "s3://mlflow/artifacts"}})
     try:
-        first = tracking.start(params, wait=180)
-        assert first["started"] and tracking.start(params)["started"] is False  # idempotent
-        assert tracking.status(params)["healthy"] and tracking.status(params)["pid"] == first["pid"]
+        first = tracking.start(params.mlflow, wait=180)
+        assert first["started"] and tracking.start(params.mlflow)["started"] is False  # idempotent
+        assert tracking.status(params.mlflow)["healthy"] and tracking.status(params.mlflow)["pid"] == first["pid"]
         client = _client(first["uri"])
         run_id = client.create_run(client.create_experiment("s3")).info.run_id
         client.log_text(run_id, "hello", "notes/hello.txt")
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket="mlflow").get("Contents", [])]
         assert any(key.endswith("notes/hello.txt") for key in keys), keys
     finally:
-        stopped = tracking.stop(params)
+        stopped = tracking.stop(params.mlflow)
         moto.stop()
-    assert stopped and not tracking.status(params)["healthy"] and tracking.status(params)["pid"] is None
-    assert tracking.stop(params) is False
+    assert stopped and not tracking.status(params.mlflow)["healthy"] and tracking.status(params.mlflow)["pid"] is None
+    assert tracking.stop(params.mlflow) is False
     tracking.MLFLOW.pid_file.write_text(str(_dead_pid()))  # a stale PID file from a crashed server
-    assert tracking.status(params)["pid"] is None and not tracking.MLFLOW.pid_file.exists()
+    assert tracking.status(params.mlflow)["pid"] is None and not tracking.MLFLOW.pid_file.exists()
 
 
 def test_resolved_settings_name_what_auto_became() -> None:
@@ -557,3 +563,24 @@ def test_resolved_settings_name_what_auto_became() -> None:
     assert resolved["derived"] == "parse.hop,train.members" and resolved["train.selected_by"] == "train_loss"
     assert resolved["parse.bank"] == "as written in the file"
     assert resolved_settings({}) == {}
+
+
+def test_track_logs_what_each_stage_ran_with_from_dvc_lock(tmp_path: Path) -> None:
+    """The params a run is logged with are those dvc.lock records per stage, plus track's own
+    sections; a database password never reaches MLflow."""
+    from cwtops.core.config import params_from_dict
+    from tasks.track import ran_with
+
+    lock = tmp_path / "dvc.lock"
+    lock.write_text(yaml.safe_dump({"schema": "2.0", "stages": {
+        "parse": {"params": {"params.yaml": {"base.raw_dir": "data/raw", "parse": {"hop": "auto", "bank": "auto"}}}},
+        "train": {"params": {"params.yaml": {"base.seed": 7, "train": {"epochs": 12, "channels": [8, 8, 16, 16]}}}},
+    }}))
+    params = params_from_dict({"base": {"seed": 7}, "mlflow": {"backend_store": "postgresql://cwtops:hunter2@127.0.0.1:5432/mlflow"}})
+    logged = ran_with(params.mlflow, params.base, lock)
+    assert logged["parse.hop"] == "auto" and logged["train.epochs"] == "12" and logged["train.channels"] == "[8, 8, 16, 16]"
+    assert logged["base.seed"] == "7" and logged["mlflow.experiment"] == params.mlflow.experiment
+    assert "hunter2" not in logged["mlflow.backend_store"] and "127.0.0.1:5432" in logged["mlflow.backend_store"]
+    assert not any(key.startswith("triton.") for key in logged)
+    assert ran_with(params.mlflow, params.base, tmp_path / "absent.lock").keys() == {
+        key for key in logged if key.startswith(("base.", "mlflow."))}

@@ -95,7 +95,8 @@ def test_export_from_a_different_filter_bank_fails_parity(in_project: Path, serv
     onnx_path.write_bytes(proto.SerializeToString())
     try:
         with pytest.raises(CwtopsError, match="parity failed"):
-            parity_run(load_params())
+            params = load_params()
+            parity_run(params.parity, params.base)
         report = json.loads((in_project / "artifacts/parity/report.json").read_text())
         assert not report["passed"] and "test[" in report["failure"]
     finally:

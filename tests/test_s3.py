@@ -111,8 +111,8 @@ def test_a_missing_bucket_is_named_before_any_server_starts(moto: Moto, tmp_path
     params = params_from_dict({"mlflow": {"port": free_port(), "backend_store": f"sqlite:///{tmp_path / 'mlflow.db'}",
                                           "artifacts_destination": "s3://no-such-bucket/mlflow"}})
     with pytest.raises(CwtopsError, match=r"s3://no-such-bucket/mlflow.*create the bucket"):
-        tracking.start(params, wait=30)
-    assert tracking.status(params)["pid"] is None
+        tracking.start(params.mlflow, wait=30)
+    assert tracking.status(params.mlflow)["pid"] is None
 
 
 def test_an_upload_that_reads_back_other_bytes_is_removed(moto: Moto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -173,8 +173,8 @@ def test_mlflow_artifacts_are_proxied_to_s3_and_come_back_identical(moto: Moto, 
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto.endpoint)  # the standard variable; the server gets MLflow's own
     params = params_from_dict({"mlflow": {"port": free_port(), "backend_store": f"sqlite:///{tmp_path / 'db' / 'mlflow.db'}",
                                           "artifacts_destination": f"s3://{BUCKET}/mlflow"}})
-    assert tracking.server_env(params)["MLFLOW_S3_ENDPOINT_URL"] == moto.endpoint
-    info = tracking.start(params, wait=180)
+    assert tracking.server_env(params.mlflow)["MLFLOW_S3_ENDPOINT_URL"] == moto.endpoint
+    info = tracking.start(params.mlflow, wait=180)
     try:
         for key in ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             monkeypatch.delenv(key)  # from here the client reaches S3 only through the tracking server
@@ -191,7 +191,7 @@ def test_mlflow_artifacts_are_proxied_to_s3_and_come_back_identical(moto: Moto, 
         stored = [key for key in moto.keys("mlflow/") if key.endswith(f"{run_id}/artifacts/blobs/model.bin")]
         assert len(stored) == 1 and moto.read(stored[0]) == payload
     finally:
-        assert tracking.stop(params)
+        assert tracking.stop(params.mlflow)
     _assert_no_secret(tmp_path / "state")
 
 

@@ -42,20 +42,21 @@ def small_stage_params(tmp_path: Path):
         return params_from_dict(changed)
 
     params = make()
-    parse.run(params)
-    balance.run(params)
+    parse.run(params.parse, params.base)
+    balance.run(params.balance, params.base)
     return make
 
 
 def _first_epoch(params, input_mode: str, world: World = train.SINGLE_PROCESS) -> float:
     """Mean training loss of one epoch from the same seeded start, through the chosen input."""
-    paths = train.artifact_paths(params)
+    paths = train.artifact_paths(params.base)
     manifest = read_manifest(paths.split_manifest)
     classes = sorted(manifest.loc[manifest.split == "train", "label"].unique())
     matrix, _, _ = parse.load_filter_bank(paths.filter_bank)
-    settings = train.resolve_settings(params, manifest, LENGTH, tuple(matrix.shape), len(classes))
+    front = train.read_front_end(paths)
+    settings = train.resolve_settings(params.train, front, manifest, LENGTH, tuple(matrix.shape), len(classes))
     device = torch.device("cpu")
-    model = train._build(params, matrix, len(classes), LENGTH, settings, device)
+    model = train._build(params.train, params.base.seed, front, matrix, len(classes), LENGTH, settings, device)
     data = train.load_split(model, manifest, "train", Path(params.base.raw_dir), classes, device, input_mode, LENGTH)
     optimizer = torch.optim.AdamW(train.trainable_parameters(model), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=100)
@@ -78,13 +79,13 @@ def test_streamed_epoch_equals_the_in_memory_epoch(small_stage_params) -> None:
 
 def test_stream_stage_writes_what_the_memory_stage_writes(small_stage_params) -> None:
     memory_params = small_stage_params(input="memory")
-    train.run(memory_params)
-    paths = train.artifact_paths(memory_params)
+    train.run(memory_params.train, memory_params.base)
+    paths = train.artifact_paths(memory_params.base)
     remembered = pd.read_csv(paths.history)
     summary = json.loads(paths.train_summary.read_text())
     assert summary["settings"]["input"] == "memory"
     stream_params = small_stage_params(input="stream")
-    train.run(stream_params)
+    train.run(stream_params.train, stream_params.base)
     streamed = pd.read_csv(paths.history)
     assert json.loads(paths.train_summary.read_text())["settings"]["input"] == "stream"
     for column in ("train_loss", "val_loss", "val_macro_f1", "val_accuracy"):
@@ -93,23 +94,24 @@ def test_stream_stage_writes_what_the_memory_stage_writes(small_stage_params) ->
 
 def test_auto_input_streams_only_what_does_not_fit(small_stage_params, monkeypatch: pytest.MonkeyPatch) -> None:
     params = small_stage_params(input="auto")
-    paths = train.artifact_paths(params)
+    paths = train.artifact_paths(params.base)
     manifest = read_manifest(paths.split_manifest)
     n = int(manifest.split.isin(["train", "val"]).sum())
     bytes_needed = n * 112 * LENGTH * 4  # 112 filters, hop 1 (auto at 256 samples)
     monkeypatch.setattr(derived, "MEMORY_INPUT_BYTES", bytes_needed)
-    settings = train.resolve_settings(params, manifest, LENGTH, (112, 129), 5)
+    front = train.read_front_end(paths)
+    settings = train.resolve_settings(params.train, front, manifest, LENGTH, (112, 129), 5)
     assert (settings.input, "train.input" in settings.derived) == ("memory", True)
     monkeypatch.setattr(derived, "MEMORY_INPUT_BYTES", bytes_needed - 1)
-    assert train.resolve_settings(params, manifest, LENGTH, (112, 129), 5).input == "stream"
+    assert train.resolve_settings(params.train, front, manifest, LENGTH, (112, 129), 5).input == "stream"
     explicit = small_stage_params(input="memory")
-    assert train.resolve_settings(explicit, manifest, LENGTH, (112, 129), 5).input == "memory"
+    assert train.resolve_settings(explicit.train, front, manifest, LENGTH, (112, 129), 5).input == "memory"
 
 
 def test_max_steps_caps_the_run(small_stage_params) -> None:
     params = small_stage_params(epochs=5, patience=5, max_steps=3, input="stream")
-    result = train.run(params)
-    summary = json.loads(train.artifact_paths(params).train_summary.read_text())
+    result = train.run(params.train, params.base)
+    summary = json.loads(train.artifact_paths(params.base).train_summary.read_text())
     assert result.epochs_run == 1 and summary["settings"]["max_steps"] == 3
 
 
@@ -125,15 +127,16 @@ def test_two_ranks_read_disjoint_shares_that_cover_each_batch(small_stage_params
         assert sorted([*mine, *theirs]) == sorted(everything[16 * step : 16 * step + 16])
     # and a streamed split reads only its rank's rows from disk
     params = small_stage_params()
-    paths = train.artifact_paths(params)
+    paths = train.artifact_paths(params.base)
     manifest = read_manifest(paths.split_manifest)
     classes = sorted(manifest.label.unique())
     reads: list[np.ndarray] = []
     original = SignalReader.read
     monkeypatch.setattr(SignalReader, "read", lambda self, index: reads.append(np.array(index)) or original(self, index))
     matrix = parse.load_filter_bank(paths.filter_bank)[0]
-    model = train._build(params, matrix, 5, LENGTH, train.resolve_settings(params, manifest, LENGTH, tuple(matrix.shape), 5),
-                         torch.device("cpu"))
+    front = train.read_front_end(paths)
+    settings = train.resolve_settings(params.train, front, manifest, LENGTH, tuple(matrix.shape), 5)
+    model = train._build(params.train, params.base.seed, front, matrix, 5, LENGTH, settings, torch.device("cpu"))
     data = train.load_split(model, manifest, "train", Path(params.base.raw_dir), classes, torch.device("cpu"), "stream", LENGTH)
     share = train.epoch_batches(len(data), 16, torch.Generator().manual_seed(1), World(1, 2, 1))
     list(data.batches(share))
@@ -156,7 +159,7 @@ def test_sharded_validation_sums_to_the_whole_split(small_stage_params) -> None:
 @pytest.mark.parametrize("damage", ["truncated", "fewer_rows", "nan"])
 def test_a_damaged_shard_is_refused_by_name_and_nothing_is_written(small_stage_params, damage: str) -> None:
     params = small_stage_params(input="stream")
-    paths = train.artifact_paths(params)
+    paths = train.artifact_paths(params.base)
     manifest = read_manifest(paths.split_manifest)
     victim = Path(params.base.raw_dir) / manifest.loc[manifest.split == "train", "file"].iloc[-1]
     if damage == "truncated":
@@ -168,7 +171,7 @@ def test_a_damaged_shard_is_refused_by_name_and_nothing_is_written(small_stage_p
         array[:] = np.nan
         np.save(victim, array)
     with pytest.raises(DataError, match=str(victim)):
-        train.run(params)
+        train.run(params.train, params.base)
     assert not paths.model.exists() and not paths.train_summary.exists() and not paths.history.exists()
 
 

@@ -238,7 +238,7 @@ def test_register_passing_variants_in_the_float32_run(variants_project: Path, ml
     results = {item.variant: item for item in register_variants(params)}
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
     version = client.get_model_version(registered_name(params, "optimized"), str(results["optimized"].version))
-    assert results["optimized"].registered and version.run_id == load_run(params)["run_id"] == float32.run_id
+    assert results["optimized"].registered and version.run_id == load_run(params.base)["run_id"] == float32.run_id
     assert version.tags["gate_passed"] == "true" and version.tags["variant"] == "optimized"
     assert version.tags["float32_version"] == str(float32.version)
     assert json.loads(version.tags["variant_report"])["argmax_agreement"] == 1.0

@@ -21,7 +21,7 @@ def start_command(
     """Start the server (a no-op when one already answers) and wait until it is healthy."""
     from cwtops.registry.server import start
 
-    info = start(load_params(params_path), port=port, wait=wait)
+    info = start(load_params(params_path).mlflow, port=port, wait=wait)
     state = f"started in {info['seconds']:.1f} s" if info["started"] else "already running"
     typer.echo(f"MLflow {state} at {info['uri']} (pid {info['pid']}, log {info['log']})")
 
@@ -31,7 +31,7 @@ def stop_command(params_path: Path = ParamsOption) -> None:
     """Stop the server this project started."""
     from cwtops.registry.server import stop
 
-    typer.echo("stopped" if stop(load_params(params_path)) else "not running")
+    typer.echo("stopped" if stop(load_params(params_path).mlflow) else "not running")
 
 
 @mlflow_app.command("status")
@@ -39,7 +39,7 @@ def status_command(params_path: Path = ParamsOption) -> None:
     """Tracking URI, health, PID, store, artifacts and log file."""
     from cwtops.registry.server import status
 
-    info = status(load_params(params_path))
+    info = status(load_params(params_path).mlflow)
     for key, value in info.items():
         typer.echo(f"{key + ':':<23}{value}")
     if info["healthy"] is False:

@@ -70,7 +70,7 @@ def publish_command(
     params = load_params(params_path)
     if onnx_path is not None:
         version = version if version is not None else next_version_on_disk(params)
-        default_reference = artifact_paths(params).reference
+        default_reference = artifact_paths(params.base).reference
         reference = reference or (default_reference if default_reference.exists() else None)
         result = publish_version(onnx_path, version, params, reference=reference)
     else:

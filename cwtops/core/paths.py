@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from cwtops.core.config import Params
+from cwtops.core.config import BaseConfig
 
 
 @dataclass(frozen=True)
@@ -104,5 +104,5 @@ class ArtifactPaths:
         return self.root / "track" / "run.json"
 
 
-def artifact_paths(params: Params) -> ArtifactPaths:
-    return ArtifactPaths(Path(params.base.artifacts_dir))
+def artifact_paths(base: BaseConfig) -> ArtifactPaths:
+    return ArtifactPaths(Path(base.artifacts_dir))

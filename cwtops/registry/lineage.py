@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from cwtops.core.artifacts import sha256_file
-from cwtops.core.config import Params
+from cwtops.core.config import BaseConfig
 from cwtops.core.errors import CwtopsError
 from cwtops.core.paths import artifact_paths
 
@@ -46,13 +46,13 @@ def _dvc_file(path: Path) -> Path:
     return path.with_name(path.name + ".dvc")
 
 
-def lineage(params: Params) -> dict[str, str]:
+def lineage(base: BaseConfig) -> dict[str, str]:
     """Where a model came from: data, weights, split, filter bank, code (run and version tags)."""
-    paths = artifact_paths(params)
+    paths = artifact_paths(base)
     bank = json.loads(paths.filter_bank_summary.read_text())
     return {
-        "data_dvc_md5": dvc_hash(_dvc_file(Path(params.base.raw_dir))),
-        "weights_dvc_md5": dvc_hash(_dvc_file(Path(params.base.weights))),
+        "data_dvc_md5": dvc_hash(_dvc_file(Path(base.raw_dir))),
+        "weights_dvc_md5": dvc_hash(_dvc_file(Path(base.weights))),
         "split_manifest_sha256": sha256_file(paths.split_manifest),
         "filter_bank_sha256": str(bank["sha256"]),
         "git_commit": git_commit(),
@@ -60,9 +60,9 @@ def lineage(params: Params) -> dict[str, str]:
     }
 
 
-def load_run(params: Params) -> dict:
+def load_run(base: BaseConfig) -> dict:
     """artifacts/track/run.json (run_id, experiment_id, tracking_uri, run_url)."""
-    path = artifact_paths(params).track_run
+    path = artifact_paths(base).track_run
     if not path.exists():
         raise CwtopsError(f"{path}: no tracked run; run the track stage (`dvc repro track`) first")
     return json.loads(path.read_text())

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from cwtops.core.artifacts import atomic_path, write_json
-from cwtops.core.config import Params
+from cwtops.core.config import MlflowConfig
 from cwtops.core.errors import CwtopsError
 from cwtops.services.processes import Service, http_ok, process_alive
 
@@ -48,19 +48,19 @@ SERVER_ENV_DEFAULTS = {
 }
 
 
-def local_uri(params: Params, port: int | None = None) -> str:
+def local_uri(cfg: MlflowConfig, port: int | None = None) -> str:
     """`http://host:port` of the local server."""
-    return f"http://{params.mlflow.host}:{port or params.mlflow.port}"
+    return f"http://{cfg.host}:{port or cfg.port}"
 
 
-def tracking_uri(params: Params) -> str:
+def tracking_uri(cfg: MlflowConfig) -> str:
     """`MLFLOW_TRACKING_URI` when set, else the local server's URI."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or local_uri(params)
+    return os.environ.get("MLFLOW_TRACKING_URI") or local_uri(cfg)
 
 
-def backend_store_uri(params: Params) -> str:
+def backend_store_uri(cfg: MlflowConfig) -> str:
     """The server's store; a relative SQLite path is made absolute (from the project root)."""
-    uri = os.environ.get("MLFLOW_BACKEND_STORE_URI") or params.mlflow.backend_store
+    uri = os.environ.get("MLFLOW_BACKEND_STORE_URI") or cfg.backend_store
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         uri = prefix + str(Path(uri.removeprefix(prefix)).resolve())
@@ -112,17 +112,17 @@ def check_database(uri: str, timeout: int = 10) -> None:
         engine.dispose()
 
 
-def artifacts_destination(params: Params) -> str:
+def artifacts_destination(cfg: MlflowConfig) -> str:
     """Where the server keeps artifacts: an absolute folder, or a URI such as `s3://bucket/prefix`."""
-    destination = os.environ.get("MLFLOW_ARTIFACTS_DESTINATION") or params.mlflow.artifacts_destination
+    destination = os.environ.get("MLFLOW_ARTIFACTS_DESTINATION") or cfg.artifacts_destination
     return destination if "://" in destination else str(Path(destination).resolve())
 
 
-def _encryption_key(params: Params) -> str:
+def _encryption_key(cfg: MlflowConfig) -> str:
     """MLflow encrypts stored webhook secrets; a key kept beside the store survives restarts."""
     from cryptography.fernet import Fernet
 
-    store = backend_store_uri(params)
+    store = backend_store_uri(cfg)
     folder = Path(store.removeprefix("sqlite:///")).parent if store.startswith("sqlite:///") else Path("mlflow")
     path = folder / "webhook-secret.key"
     if not path.exists():
@@ -132,15 +132,15 @@ def _encryption_key(params: Params) -> str:
     return path.read_text().strip()
 
 
-def server_env(params: Params) -> dict[str, str]:
+def server_env(cfg: MlflowConfig) -> dict[str, str]:
     """The server's environment: the caller's (S3 endpoint and credentials pass through) plus defaults."""
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)  # the server is the tracking server, not a client of one
     for key, value in SERVER_ENV_DEFAULTS.items():
         env.setdefault(key, value)
-    env.setdefault("MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY", _encryption_key(params))
-    env["MLFLOW_BACKEND_STORE_URI"] = backend_store_uri(params)  # not in argv: `ps` would show a password
-    if artifacts_destination(params).startswith("s3://"):
+    env.setdefault("MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY", _encryption_key(cfg))
+    env["MLFLOW_BACKEND_STORE_URI"] = backend_store_uri(cfg)  # not in argv: `ps` would show a password
+    if artifacts_destination(cfg).startswith("s3://"):
         from cwtops.core.s3 import endpoint_url
 
         endpoint = endpoint_url()  # AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL: one variable for DVC, MLflow and Triton
@@ -149,12 +149,12 @@ def server_env(params: Params) -> dict[str, str]:
     return env
 
 
-def server_command(params: Params, port: int) -> list[str]:
+def server_command(cfg: MlflowConfig, port: int) -> list[str]:
     """`mlflow server` on 127.0.0.1 with one worker (start-up time matters more than throughput)."""
     return [
         sys.executable, "-m", "mlflow", "server",
-        "--host", params.mlflow.host, "--port", str(port),
-        "--artifacts-destination", artifacts_destination(params),
+        "--host", cfg.host, "--port", str(port),
+        "--artifacts-destination", artifacts_destination(cfg),
         "--serve-artifacts", "--workers", "1",
     ]
 
@@ -188,12 +188,12 @@ def _port_in_use(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def _prepare_storage(params: Params) -> None:
-    store = backend_store_uri(params)
+def _prepare_storage(cfg: MlflowConfig) -> None:
+    store = backend_store_uri(cfg)
     if store.startswith("sqlite:///"):
         Path(store.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     check_database(store)
-    destination = artifacts_destination(params)
+    destination = artifacts_destination(cfg)
     if "://" not in destination:
         Path(destination).mkdir(parents=True, exist_ok=True)
     elif destination.startswith("s3://"):  # else the server starts and only the first artifact upload fails
@@ -212,38 +212,38 @@ def _start_lock() -> Iterator[None]:
         yield
 
 
-def start(params: Params, port: int | None = None, wait: float = 60) -> dict:
+def start(cfg: MlflowConfig, port: int | None = None, wait: float = 60) -> dict:
     """Start the local `mlflow server` unless one answers already; wait until `/health` is OK.
 
     Idempotent: a healthy server on the port is left alone, a server of ours still starting is
     waited for, a stale PID file is ignored. Returns uri, pid, started, log (and seconds).
     """
-    port = port or params.mlflow.port
-    uri = local_uri(params, port)
+    port = port or cfg.port
+    uri = local_uri(cfg, port)
     health = f"{uri}/health"
     with _start_lock():
         if http_ok(health):
             return {"uri": uri, "pid": _server_pid(), "started": False, "log": str(MLFLOW.log_file)}
         started = time.monotonic()
-        pid = _server_pid() or _launch(params, port, uri)
+        pid = _server_pid() or _launch(cfg, port, uri)
         MLFLOW.wait_healthy(lambda: http_ok(health), wait, pid)
     return {"uri": uri, "pid": pid, "started": True, "log": str(MLFLOW.log_file), "seconds": round(time.monotonic() - started, 2)}
 
 
-def _launch(params: Params, port: int, uri: str) -> int:
-    if _port_in_use(params.mlflow.host, port):
+def _launch(cfg: MlflowConfig, port: int, uri: str) -> int:
+    if _port_in_use(cfg.host, port):
         raise CwtopsError(
-            f"{params.mlflow.host}:{port} is taken by a program that is not a healthy MLflow server; "
+            f"{cfg.host}:{port} is taken by a program that is not a healthy MLflow server; "
             "stop it, or choose another port (mlflow.port in params.yaml or `cwtops mlflow start --port`)"
         )
-    _prepare_storage(params)
-    pid = MLFLOW.launch(server_command(params, port), server_env(params))
-    write_json(_info_file(), {"uri": uri, "pid": pid, "backend_store": masked(backend_store_uri(params)),
-                              "artifacts_destination": artifacts_destination(params)})
+    _prepare_storage(cfg)
+    pid = MLFLOW.launch(server_command(cfg, port), server_env(cfg))
+    write_json(_info_file(), {"uri": uri, "pid": pid, "backend_store": masked(backend_store_uri(cfg)),
+                              "artifacts_destination": artifacts_destination(cfg)})
     return pid
 
 
-def stop(params: Params, timeout: float = 20.0) -> bool:
+def stop(cfg: MlflowConfig, timeout: float = 20.0) -> bool:
     """Stop the server this project started (its whole process group); False when none runs."""
     pid = _server_pid()
     if pid is None:
@@ -257,7 +257,7 @@ def stop(params: Params, timeout: float = 20.0) -> bool:
             time.sleep(0.1)
         if not process_alive(pid):
             break
-    uri = _recorded_uri(params)
+    uri = _recorded_uri(cfg)
     deadline = time.monotonic() + timeout
     while http_ok(f"{uri}/health", timeout=0.5) and time.monotonic() < deadline:
         time.sleep(0.1)  # uvicorn, in the same process group, closes the port a moment later
@@ -266,16 +266,16 @@ def stop(params: Params, timeout: float = 20.0) -> bool:
     return True
 
 
-def _recorded_uri(params: Params) -> str:
+def _recorded_uri(cfg: MlflowConfig) -> str:
     try:
         return str(json.loads(_info_file().read_text())["uri"])
     except (OSError, ValueError, KeyError):
-        return local_uri(params)
+        return local_uri(cfg)
 
 
-def status(params: Params) -> dict:
+def status(cfg: MlflowConfig) -> dict:
     """Tracking URI, whether it answers, and the local server's PID, store and log."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or _recorded_uri(params)
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or _recorded_uri(cfg)
     try:
         info = json.loads(_info_file().read_text())
     except (OSError, ValueError):
@@ -284,20 +284,20 @@ def status(params: Params) -> dict:
         "uri": uri,
         "healthy": http_ok(f"{uri}/health") if uri.startswith("http") else None,
         "pid": _server_pid(),
-        "backend_store": info.get("backend_store", masked(backend_store_uri(params))),
-        "artifacts_destination": info.get("artifacts_destination", artifacts_destination(params)),
+        "backend_store": info.get("backend_store", masked(backend_store_uri(cfg))),
+        "artifacts_destination": info.get("artifacts_destination", artifacts_destination(cfg)),
         "log": str(MLFLOW.log_file),
     }
 
 
-def ensure_server(params: Params) -> str:
+def ensure_server(cfg: MlflowConfig) -> str:
     """The tracking URI, starting the local server when no other is configured and none answers."""
     configured = os.environ.get("MLFLOW_TRACKING_URI")
     if configured:
         return configured
-    uri = local_uri(params)
+    uri = local_uri(cfg)
     if not http_ok(f"{uri}/health"):
-        start(params)
+        start(cfg)
     return uri
 
 

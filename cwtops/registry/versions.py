@@ -64,7 +64,7 @@ def registry_client(params: Params) -> Iterator[MlflowClient]:
     inside the block become one CwtopsError naming the tracking URI."""
     from mlflow import MlflowClient
 
-    uri = tracking_uri(params)
+    uri = tracking_uri(params.mlflow)
     with bounded_client_retries():
         require_reachable(uri)
         try:
@@ -176,7 +176,7 @@ def _log_version(params: Params, run_id: str, experiment_id: str, tags: dict[str
 
     import mlflow
 
-    paths = artifact_paths(params)
+    paths = artifact_paths(params.base)
     model = onnx.load(str(paths.onnx))
     if hashlib.sha256(model.SerializeToString()).hexdigest() != tags["onnx_sha256"]:
         raise CwtopsError(f"{paths.onnx}: re-serialising changes its bytes; re-export it with onnx.save (`dvc repro export`)")
@@ -198,8 +198,8 @@ def _log_version(params: Params, run_id: str, experiment_id: str, tags: dict[str
 def _register_once(client: MlflowClient, params: Params, run_id: str, parity: dict, sha: str) -> RegisterResult:
     from cwtops.registry.lineage import lineage
 
-    paths, name = artifact_paths(params), params.base.model_name
-    current = lineage(params)
+    paths, name = artifact_paths(params.base), params.base.model_name
+    current = lineage(params.base)
     experiment_id = tracked_run(client, run_id, current)
     metrics = json.loads(paths.metrics.read_text())
     for existing in search_versions(client, name, run_id):
@@ -223,9 +223,9 @@ def register(params: Params) -> RegisterResult:
     """
     from cwtops.registry.lineage import load_run
 
-    paths = artifact_paths(params)
+    paths = artifact_paths(params.base)
     parity, sha = checked_parity(paths)
-    run_id = load_run(params)["run_id"]
+    run_id = load_run(params.base)["run_id"]
     with registry_client(params) as client:
         return with_retries(lambda: _register_once(client, params, run_id, parity, sha), client.tracking_uri)
 
@@ -294,7 +294,7 @@ def resolve_version(params: Params, version: int | None) -> int:
     versions = list_versions(params)
     if not versions:
         raise CwtopsError(
-            f"no registered versions of '{name}' at {tracking_uri(params)}; run the pipeline, then `cwtops register`"
+            f"no registered versions of '{name}' at {tracking_uri(params.mlflow)}; run the pipeline, then `cwtops register`"
         )
     return int(versions[0]["version"])
 
