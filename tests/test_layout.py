@@ -16,3 +16,13 @@ def test_import_contracts_hold() -> None:
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "6 kept, 0 broken" in done.stdout, done.stdout[-2000:]
+
+
+def test_files_the_package_finds_beside_itself_exist(monkeypatch) -> None:  # noqa: ANN001
+    """Paths computed from a module's own location survive a move: the Python backend's source and
+    the Triton that `make setup` unpacks at the checkout's root."""
+    from cwtops.serving import server
+
+    monkeypatch.delenv("CWTOPS_TRITON_HOME", raising=False)
+    assert server.BACKEND_SOURCE.is_file()
+    assert server.triton_home() == ROOT / ".triton"

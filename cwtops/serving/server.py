@@ -35,7 +35,7 @@ from cwtops.serving.auth import API_KEY_ENV, API_KEY_HEADER, admin_headers, api_
 
 TRITON = Service("triton")
 RESTRICTED_APIS = "model-repository,logging,trace"
-BACKEND_SOURCE = Path(__file__).parent / "triton_backend" / "model.py"
+BACKEND_SOURCE = Path(__file__).parent / "backend" / "model.py"
 STAGING_SUFFIX = ".candidate"  # publishing checks a new version under `<model>.candidate` first
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -56,7 +56,7 @@ class ServerInfo:
 
 def triton_home() -> Path:
     """Where `make setup` unpacked nvidia-pytriton (override with CWTOPS_TRITON_HOME)."""
-    default = Path(__file__).resolve().parent.parent / ".triton"
+    default = Path(__file__).resolve().parents[2] / ".triton"  # the checkout: cwtops/serving/ is two folders down
     return Path(os.environ.get("CWTOPS_TRITON_HOME", default))
 
 
