@@ -15,13 +15,13 @@ import secrets
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import requests
 
 from cwtops.core.config import DEFAULT_PARAMS, Params, load_params
 from cwtops.core.errors import CwtopsError
+from cwtops.core.waiting import wait_until
 from cwtops.services.processes import state_dir
 from cwtops.serving.webhook import PATH, WebhookServer, WebhookVerifier, make_app
 
@@ -46,11 +46,8 @@ def ensure_prefect_server(timeout: float = 90.0) -> str:
         env = {"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "10", **os.environ}
         with open(logs / "server.log", "ab") as out:
             subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-        deadline = time.monotonic() + timeout
-        while not _healthy(url):
-            if time.monotonic() > deadline:
-                raise CwtopsError(f"Prefect server did not become healthy at {url}; see {logs / 'server.log'}")
-            time.sleep(1)
+        if not wait_until(lambda: _healthy(url), timeout, interval=1.0):
+            raise CwtopsError(f"Prefect server did not become healthy at {url}; see {logs / 'server.log'}")
     os.environ["PREFECT_API_URL"] = url
     return url
 

@@ -31,6 +31,7 @@ from typing import TypeVar
 from cwtops.core.artifacts import atomic_path, write_json
 from cwtops.core.config import MlflowConfig
 from cwtops.core.errors import CwtopsError
+from cwtops.core.waiting import retry, wait_until
 from cwtops.services.processes import Service, http_ok, process_alive
 
 MLFLOW = Service("mlflow")
@@ -252,15 +253,11 @@ def stop(cfg: MlflowConfig, timeout: float = 20.0) -> bool:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, sig)  # started with its own session: uvicorn and its workers go too
-        deadline = time.monotonic() + timeout
-        while process_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if not process_alive(pid):
+        if wait_until(lambda: not process_alive(pid), timeout):
             break
     uri = _recorded_uri(cfg)
-    deadline = time.monotonic() + timeout
-    while http_ok(f"{uri}/health", timeout=0.5) and time.monotonic() < deadline:
-        time.sleep(0.1)  # uvicorn, in the same process group, closes the port a moment later
+    # uvicorn, in the same process group, closes the port a moment later
+    wait_until(lambda: not http_ok(f"{uri}/health", timeout=0.5), timeout)
     MLFLOW.pid_file.unlink(missing_ok=True)
     _info_file().unlink(missing_ok=True)
     return True
@@ -318,22 +315,30 @@ def require_reachable(uri: str, attempts: int = 3, backoff: float = 1.0) -> None
     """Probe `/health` up to `attempts` times (waits backoff, 2*backoff, ...), then raise `unreachable`."""
     if not uri.startswith("http"):
         return  # a database or file store URI: nothing to probe
-    for attempt in range(attempts):
-        if http_ok(f"{uri}/health", timeout=5):
-            return
-        if attempt < attempts - 1:
-            time.sleep(backoff * 2**attempt)
-    raise unreachable(uri, f"no answer on /health after {attempts} attempts")
+
+    def probe() -> None:
+        if not http_ok(f"{uri}/health", timeout=5):
+            raise ConnectionError(f"no answer on {uri}/health")
+
+    try:
+        retry(probe, lambda error: isinstance(error, ConnectionError), attempts, backoff)
+    except ConnectionError:
+        raise unreachable(uri, f"no answer on /health after {attempts} attempts") from None
 
 
-def is_connection_error(error: BaseException) -> bool:
-    """True for failures to reach the server (as opposed to MLflow rejecting a request)."""
+def is_connection_error(error: BaseException | None) -> bool:
+    """True for failures to reach the server (as opposed to MLflow rejecting a request). MLflow
+    raises its own exception inside the handler of the transport's, so the chain is walked."""
     import requests
 
-    if isinstance(error, requests.ConnectionError | requests.Timeout | ConnectionError):
-        return True
-    text = str(error)
-    return "Max retries exceeded" in text or "Connection refused" in text or "Failed to establish" in text
+    transport = (requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError, ConnectionError)
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, transport):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 @contextlib.contextmanager
@@ -355,14 +360,12 @@ def with_retries(action: Callable[[], T], uri: str, attempts: int = 3, backoff: 
 
     Only for actions that are safe to repeat (the registry's register is idempotent).
     """
-    attempt = 0
-    while True:
-        try:
-            return action()
-        except Exception as error:  # MLflow wraps connection failures in MlflowException
-            attempt += 1
-            if isinstance(error, CwtopsError) or not is_connection_error(error):
-                raise
-            if attempt >= attempts:
-                raise unreachable(uri, f"{type(error).__name__} after {attempts} attempts") from error
-            time.sleep(backoff * 2 ** (attempt - 1))
+    def worth_retrying(error: BaseException) -> bool:
+        return not isinstance(error, CwtopsError) and is_connection_error(error)
+
+    try:
+        return retry(action, worth_retrying, attempts, backoff)
+    except Exception as error:  # MLflow wraps connection failures in MlflowException
+        if not worth_retrying(error):
+            raise
+        raise unreachable(uri, f"{type(error).__name__} after {attempts} attempts") from error

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import requests
 
 from cwtops.core.errors import CwtopsError
+from cwtops.core.waiting import wait_until
 
 
 def state_dir() -> Path:
@@ -58,13 +58,13 @@ class Service:
 
     def wait_healthy(self, healthy: Callable[[], bool], timeout: float, pid: int | None = None) -> None:
         """Poll `healthy` until it holds; fail fast with the log tail if the process exits."""
-        deadline = time.monotonic() + timeout
-        while not healthy():
-            if not process_alive(pid) if pid is not None else self.pid() is None:
-                raise CwtopsError(f"{self.name} server exited during start-up; see {self.log_file}:\n{self.tail()}")
-            if time.monotonic() > deadline:
-                raise CwtopsError(f"{self.name} server not healthy after {timeout:.0f} s; see {self.log_file}:\n{self.tail()}")
-            time.sleep(0.5)
+        def gone() -> bool:
+            return not process_alive(pid) if pid is not None else self.pid() is None
+
+        if not wait_until(lambda: healthy() or gone(), timeout, interval=0.5):
+            raise CwtopsError(f"{self.name} server not healthy after {timeout:.0f} s; see {self.log_file}:\n{self.tail()}")
+        if not healthy():
+            raise CwtopsError(f"{self.name} server exited during start-up; see {self.log_file}:\n{self.tail()}")
 
     def stop(self, timeout: float = 20.0) -> bool:
         pid = self.pid()
@@ -74,10 +74,7 @@ class Service:
             os.killpg(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-        deadline = time.monotonic() + timeout
-        while process_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if process_alive(pid):
+        if not wait_until(lambda: not process_alive(pid), timeout):
             os.killpg(pid, signal.SIGKILL)
         self.pid_file.unlink(missing_ok=True)
         return True

@@ -24,7 +24,7 @@ import json
 import re
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -37,6 +37,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from cwtops.core.artifacts import atomic_dir, sha256_file, write_text
 from cwtops.core.config import Params, TritonConfig
 from cwtops.core.errors import CwtopsError
+from cwtops.core.waiting import wait_until
 from cwtops.services.processes import state_dir
 from cwtops.serving.client import INPUT_NAME, OUTPUT_NAME, admin_headers, connect, infer, triton_errors
 from cwtops.serving.server import STAGING_SUFFIX
@@ -423,12 +424,9 @@ def _write(repository: ModelRepository, name: str, version: int, onnx_path: Path
     repository.write_text(f"{name}/config.pbtxt", config)
 
 
-def _wait_for(condition: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise CwtopsError(f"{what} after {timeout:.0f} s")
-        time.sleep(0.1)
+def _wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    if not wait_until(condition, timeout):
+        raise CwtopsError(f"{what} after {timeout:.0f} s")
 
 
 def _load(url: str, name: str, ready: list[int], timeout: float) -> None:

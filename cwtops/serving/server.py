@@ -24,12 +24,12 @@ import re
 import shutil
 import signal
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cwtops.core.config import Params
 from cwtops.core.errors import CwtopsError
+from cwtops.core.waiting import wait_until
 from cwtops.services.processes import Service, http_ok, process_alive, state_dir
 from cwtops.serving.auth import API_KEY_ENV, API_KEY_HEADER, admin_headers, api_key, key_file  # noqa: F401 - re-exported
 
@@ -236,10 +236,8 @@ def stop(params: Params, timeout: float = 30.0) -> bool:
         return False
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGTERM)  # its own session: the backend stubs go too
-    deadline = time.monotonic() + timeout  # Triton drains in-flight requests first (--exit-timeout-secs)
-    while process_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if process_alive(pid):
+    # Triton drains in-flight requests first (--exit-timeout-secs)
+    if not wait_until(lambda: not process_alive(pid), timeout):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
     TRITON.pid_file.unlink(missing_ok=True)

@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from cwtops.core.errors import CwtopsError
+from cwtops.core.waiting import wait_until
 
 log = logging.getLogger(__name__)
 
@@ -184,13 +185,12 @@ class WebhookServer:
         self.port = sock.getsockname()[1]
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="webhook", daemon=True)
         self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                sock.close()
-                raise CwtopsError(f"webhook receiver did not start on {self.host}:{self.port}; see the log above")
-            time.sleep(0.01)
+        thread = self._thread
+        wait_until(lambda: self._server.started or not thread.is_alive(), timeout, interval=0.01)
+        if not self._server.started:
+            self.stop()
+            sock.close()
+            raise CwtopsError(f"webhook receiver did not start on {self.host}:{self.port}; see the log above")
         log.info("webhook receiver listening on %s", self.url)
         return self
 

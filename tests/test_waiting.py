@@ -1,0 +1,54 @@
+"""The one wait helper and retry policy (cwtops/core/waiting.py), and what counts as a connection failure."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import requests
+
+from cwtops.core.waiting import retry, wait_until
+
+
+def test_wait_until_returns_when_the_condition_holds_or_at_the_deadline() -> None:
+    calls = []
+    assert wait_until(lambda: calls.append(1) or len(calls) >= 3, timeout=5, interval=0.01) and len(calls) == 3
+    started = time.monotonic()
+    assert not wait_until(lambda: False, timeout=0.3, interval=0.05)
+    assert 0.25 <= time.monotonic() - started < 2
+
+
+def test_retry_repeats_only_what_is_worth_it_with_backoff() -> None:
+    attempts = []
+
+    def flaky() -> str:
+        attempts.append(time.monotonic())
+        if len(attempts) < 3:
+            raise ConnectionError("down")
+        return "up"
+
+    assert retry(flaky, lambda error: isinstance(error, ConnectionError), attempts=3, backoff=0.05) == "up"
+    gaps = [b - a for a, b in zip(attempts, attempts[1:])]
+    assert gaps[0] >= 0.04 and gaps[1] >= 0.09  # backoff, then twice it
+    tried = []
+    with pytest.raises(ValueError):
+        retry(lambda: tried.append(1) or int("x"), lambda error: isinstance(error, ConnectionError), attempts=3, backoff=0.01)
+    assert len(tried) == 1
+    with pytest.raises(ConnectionError):
+        retry(lambda: (_ for _ in ()).throw(ConnectionError("still down")), lambda e: True, attempts=2, backoff=0.01)
+
+
+def test_connection_failures_are_found_in_the_exception_chain_not_the_text() -> None:
+    from mlflow.exceptions import MlflowException
+
+    from cwtops.registry.server import is_connection_error
+
+    try:
+        try:
+            raise requests.ConnectionError("refused")
+        except requests.ConnectionError as transport:
+            raise MlflowException(f"API request failed with exception {transport}")  # noqa: B904 - as MLflow does
+    except MlflowException as wrapped:
+        assert is_connection_error(wrapped)
+    assert not is_connection_error(MlflowException("RESOURCE_DOES_NOT_EXIST: Connection refused is only text here"))
+    assert is_connection_error(requests.exceptions.RetryError("too many 503 error responses"))
