@@ -33,7 +33,7 @@ def stage_task(name: str, params_file: str, mode: Mode = "in_process") -> StageR
 def register_task(params: Params) -> int:
     from cwtops.registry.versions import register
 
-    return register(params).version
+    return register(params, attempts=1).version  # one try a task run: the task's retries are the policy
 
 
 @task(retries=2, retry_delay_seconds=10, timeout_seconds=120)

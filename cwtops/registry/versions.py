@@ -59,14 +59,14 @@ class VersionFiles:
 
 
 @contextlib.contextmanager
-def registry_client(params: Params) -> Iterator[MlflowClient]:
-    """A client for a server that answers /health (probed with backoff); connection failures
-    inside the block become one CwtopsError naming the tracking URI."""
+def registry_client(params: Params, attempts: int = 3) -> Iterator[MlflowClient]:
+    """A client for a server that answers /health (probed `attempts` times with backoff); connection
+    failures inside the block become one CwtopsError naming the tracking URI."""
     from mlflow import MlflowClient
 
     uri = tracking_uri(params.mlflow)
     with bounded_client_retries():
-        require_reachable(uri)
+        require_reachable(uri, attempts)
         try:
             yield MlflowClient(tracking_uri=uri, registry_uri=uri)
         except Exception as error:
@@ -215,19 +215,20 @@ def _register_once(client: MlflowClient, params: Params, run_id: str, parity: di
     return RegisterResult(version, run_id, sha, created=True)
 
 
-def register(params: Params) -> RegisterResult:
+def register(params: Params, attempts: int = 3) -> RegisterResult:
     """Register the parity-checked ONNX export as a new version of `base.model_name`.
 
     Reads only the files on disk (never retrains); idempotent per tracked run and ONNX file;
-    connection failures are retried with backoff, then reported with the tracking URI.
+    connection failures are tried `attempts` times with backoff, then reported with the tracking
+    URI (a Prefect task passes 1: its own retries are the policy there).
     """
     from cwtops.registry.lineage import load_run
 
     paths = artifact_paths(params.base)
     parity, sha = checked_parity(paths)
     run_id = load_run(params.base)["run_id"]
-    with registry_client(params) as client:
-        return with_retries(lambda: _register_once(client, params, run_id, parity, sha), client.tracking_uri)
+    with registry_client(params, attempts) as client:
+        return with_retries(lambda: _register_once(client, params, run_id, parity, sha), client.tracking_uri, attempts)
 
 
 # ---------------------------------------------------------------- promote, list, resolve, fetch, tag
