@@ -311,7 +311,9 @@ def test_signal_dataset_pickles_without_data_and_works_in_workers(tmp_path: Path
     dataset = SignalDataset(manifest, raw, ["a", "b"])
     dataset[0]  # opens a map in this process
     assert len(pickle.dumps(dataset)) < 4096  # the mapped data does not travel to spawned workers
-    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2)
+    # spawned: the worker gets only the pickle (a fork would copy the data, and whatever else the
+    # test process runs by now: servers and threads of earlier tests)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2, multiprocessing_context="spawn")
     signals = torch.cat([batch for batch, _ in loader])
     np.testing.assert_array_equal(signals[:, 0].numpy(), load_signals(manifest, raw))
 

@@ -40,7 +40,7 @@ def test_torchrun_two_processes_on_cpu_match_one_process(built_project: Path, se
     run([str(BIN / "cwtops"), "stage", "balance"], project, env)
 
     single, one, _ = _train_and_evaluate(project, env, [str(BIN / "cwtops"), "stage", "train"])
-    torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "cwtops.cli.app", "stage", "train"]
+    torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "flows.cli", "stage", "train"]
     distributed, two, stdout = _train_and_evaluate(project, env, torchrun)
 
     print(f"single process: {single}\ntorchrun x2: {distributed}")

@@ -206,6 +206,11 @@ def test_serve_stops_within_10_seconds_of_sigterm_with_a_service_gone(down: str,
                     time.sleep(0.2)
                 time.sleep(1)
             elif down == "mlflow":
+                # after a scheduled pass, so the next one is a full interval away from the promotion below
+                deadline = time.monotonic() + 150
+                while not [r for r in _reconcile_runs(api) if r.get("deployment_id") and r["state_type"] == "COMPLETED"]:
+                    assert time.monotonic() < deadline, f"no scheduled reconcile pass:\n{log_path.read_text()[-3000:]}"
+                    time.sleep(1)
                 serving = served_version(params)
                 promote(params, new_version(params))  # the next scheduled pass would roll it out...
                 run([str(BIN / "cwtops"), "mlflow", "stop"], in_project, services_env)  # ...but cannot reach MLflow
