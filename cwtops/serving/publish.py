@@ -492,8 +492,8 @@ def _check(onnx_path: Path, version: int, params: Params, reference: Path | None
     return _Candidate(name, version, onnx_path, signature, data)
 
 
-def _roll_out(url: str, repository: ModelRepository, candidate: _Candidate, params: Params, previous: list[int], retire_others: bool,
-              created: bool, timeout: float) -> tuple[list[int], float | None]:
+def _serve_beside_previous(url: str, repository: ModelRepository, candidate: _Candidate, params: Params, previous: list[int], retire_others: bool,
+                           created: bool, timeout: float) -> tuple[list[int], float | None]:
     """Serve next to the shareable old versions, check through Triton, then (optionally) retire the others."""
     name, version = candidate.name, candidate.version
     if candidate.reference is not None:  # before any client can reach it
@@ -530,7 +530,7 @@ def publish_version(onnx_path: Path, version: int, params: Params, *, reference:
         previous = served_versions(url, candidate.name)
         snapshot = _Snapshot.take(repository, candidate.name, previous)
         try:
-            retired, error = _roll_out(url, repository, candidate, params, previous, retire_others, created, timeout)
+            retired, error = _serve_beside_previous(url, repository, candidate, params, previous, retire_others, created, timeout)
         except Exception as failure:
             snapshot.restore(url, candidate.name, version, created)
             serving = f"versions {previous} keep serving" if previous else "nothing was serving before"

@@ -94,7 +94,7 @@ def reconcile(params: Params, url: str | None = None, retry_failed: bool = False
         if not retry_failed and _already_failed(params, desired):
             reason = f"version {desired} failed its last rollout; promote it again or run `cwtops rollout --retry`"
             return RolloutOutcome("skipped", desired, actual, actual, reason, time.monotonic() - started)
-        outcome = _roll_out(params, desired, actual, url)
+        outcome = _roll_out_version(params, desired, actual, url)
     return RolloutOutcome(**{**outcome.__dict__, "seconds": time.monotonic() - started})
 
 
@@ -116,7 +116,7 @@ def _mark_retired(params: Params, version: int) -> None:
         log.warning("could not tag retired version %s: %s", version, error)
 
 
-def _roll_out(params: Params, desired: int, actual: int | None, url: str | None) -> RolloutOutcome:
+def _roll_out_version(params: Params, desired: int, actual: int | None, url: str | None) -> RolloutOutcome:
     from cwtops.registry.versions import download_version, set_version_tags
     from cwtops.serving.publish import publish_version, served_version
 
