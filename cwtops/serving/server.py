@@ -81,10 +81,18 @@ def build_backends(target: Path) -> Path:
     python_dir.mkdir(parents=True, exist_ok=True)
     ort_dir.mkdir(parents=True, exist_ok=True)
     for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
-        shutil.copy2(_server_dir() / "backends" / "python" / name, python_dir / name)
-    shutil.copy2(stub, python_dir / stub.name)
-    shutil.copy2(BACKEND_SOURCE, ort_dir / "model.py")
+        _install(_server_dir() / "backends" / "python" / name, python_dir / name)
+    _install(stub, python_dir / stub.name)
+    _install(BACKEND_SOURCE, ort_dir / "model.py")
     return target
+
+
+def _install(source: Path, target: Path) -> None:
+    """Copy beside `target`, then rename over it. A backend stub still running from the old file (a
+    Triton killed a moment ago) keeps its inode; writing into that busy file fails (ETXTBSY)."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.copy2(source, tmp)
+    os.replace(tmp, target)
 
 
 def server_environment() -> dict[str, str]:
