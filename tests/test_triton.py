@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import socket
 import sys
@@ -623,3 +624,26 @@ def test_a_stale_pid_file_is_ignored(tmp_path: Path, monkeypatch: pytest.MonkeyP
     TRITON.pid_file.write_text("999999999")
     info = status(make_params(tmp_path / "repository", (_free_port(), _free_port(), _free_port())))
     assert info["pid"] is None and not info["ready"] and not TRITON.pid_file.exists()
+
+
+def test_backend_files_are_replaced_even_while_a_stub_still_runs_from_them(tmp_path: Path) -> None:
+    """A Triton killed a moment ago can leave a backend stub running from the installed file; the
+    next start replaces that file by rename, where writing into it fails with ETXTBSY."""
+    import shutil
+    import subprocess
+
+    from cwtops.serving.server import _install
+
+    target = tmp_path / "stub"
+    shutil.copy2(shutil.which("sleep"), target)
+    running = subprocess.Popen([str(target), "30"])
+    try:
+        with pytest.raises(OSError, match="Text file busy"):
+            shutil.copy2(shutil.which("true"), target)  # what a plain copy would do
+        _install(Path(shutil.which("true")), target)
+        assert target.read_bytes() == Path(shutil.which("true")).read_bytes() and os.access(target, os.X_OK)
+        assert running.poll() is None  # the stub keeps its old file
+    finally:
+        running.kill()
+        running.wait()
+    assert [p.name for p in tmp_path.iterdir()] == ["stub"]  # no temporary left behind
