@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -115,6 +116,27 @@ def new_version(params) -> int:
 
     track_run(params.mlflow, params.base)
     return register(params).version
+
+
+@contextlib.contextmanager
+def webhook_receiver(params, params_file: Path, secret: str):  # noqa: ANN201 - a context manager
+    """The MLflow webhook and its receiver, as `cwtops serve` runs them, for the block only: both are
+    removed after it, so a later test's promotion is not rolled out by this test's receiver."""
+    import time
+
+    from cwtops.registry.server import tracking_uri
+    from flows.serve import register_mlflow_webhook, start_receiver
+    from mlflow import MlflowClient
+
+    cfg = params.rollout
+    server = start_receiver(params, str(params_file), secret)
+    hook = register_mlflow_webhook(params, f"http://{cfg.webhook_host}:{cfg.webhook_port}/mlflow/webhook", secret)
+    try:
+        time.sleep(3)  # the server caches its webhook list for MLFLOW_WEBHOOK_CACHE_TTL seconds
+        yield
+    finally:
+        MlflowClient(tracking_uri=tracking_uri(params.mlflow)).delete_webhook(hook)
+        server.stop()
 
 
 def wait_served(params, version: int, timeout: float, url: str | None = None) -> float:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import new_version, wait_served
+from tests.conftest import new_version, wait_served, webhook_receiver
 from tests.mlflow_fixtures import free_port
 
 pytestmark = pytest.mark.slow
@@ -77,22 +77,17 @@ def test_production_alias_saved_in_the_mlflow_ui_is_served_by_triton(harness, in
                                                                        triton_server: str, mlflow_server: str,
                                                                        tmp_path: Path) -> None:
     from cwtops.serving.rollout import reconcile
-    from flows.serve import register_mlflow_webhook, start_receiver
     from mlflow import MlflowClient
 
     reconcile(params)  # start from a converged state
     newer = new_version(params)
     rollout = params.rollout.model_copy(update={"webhook_port": free_port()})  # its own receiver
     receiving = params.model_copy(update={"rollout": rollout})
-    secret = f"browser-test-{time.time()}"
-    start_receiver(receiving, str(in_project / "params.yaml"), secret)
-    register_mlflow_webhook(receiving, f"http://{rollout.webhook_host}:{rollout.webhook_port}/mlflow/webhook", secret)
-    time.sleep(3)  # the server caches its webhook list for MLFLOW_WEBHOOK_CACHE_TTL seconds
+    with webhook_receiver(receiving, in_project / "params.yaml", f"browser-test-{time.time()}"):
+        _save_alias_in_the_ui(browser, mlflow_server, params.base.model_name, newer, "production", tmp_path)
+        saved = time.monotonic()
 
-    _save_alias_in_the_ui(browser, mlflow_server, params.base.model_name, newer, "production", tmp_path)
-    saved = time.monotonic()
-
-    client = MlflowClient(tracking_uri=mlflow_server)
-    assert client.get_model_version_by_alias(params.base.model_name, "production").version == str(newer)
-    assert wait_served(params, newer, timeout=30, url=triton_server) <= 30
-    print(f"alias saved in the UI -> Triton serving version {newer}: {time.monotonic() - saved:.1f} s")
+        client = MlflowClient(tracking_uri=mlflow_server)
+        assert client.get_model_version_by_alias(params.base.model_name, "production").version == str(newer)
+        assert wait_served(params, newer, timeout=30, url=triton_server) <= 30
+        print(f"alias saved in the UI -> Triton serving version {newer}: {time.monotonic() - saved:.1f} s")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import BIN, new_version, run, wait_served
+from tests.conftest import BIN, new_version, run, wait_served, webhook_receiver
 
 pytestmark = pytest.mark.slow
 
@@ -61,22 +61,17 @@ def test_flow_stage_in_process_matches_dvc_repro(in_project: Path, services_env:
 
 def test_webhook_promotion_rolls_out_within_15_seconds(harness, in_project: Path, params, triton_server: str, mlflow_server: str) -> None:
     from cwtops.serving.rollout import reconcile
-    from flows.serve import register_mlflow_webhook, start_receiver
 
     reconcile(params)  # start from a converged state
     newer = new_version(params)
-    secret = "test-secret-" + str(time.time())
-    start_receiver(params, str(in_project / "params.yaml"), secret)
-    receiver = f"http://{params.rollout.webhook_host}:{params.rollout.webhook_port}/mlflow/webhook"
-    register_mlflow_webhook(params, receiver, secret)
-    time.sleep(3)  # the server caches its webhook list for MLFLOW_WEBHOOK_CACHE_TTL seconds
-    answer = requests.post(
-        f"{mlflow_server}/api/2.0/mlflow/registered-models/alias",
-        json={"name": params.base.model_name, "alias": "production", "version": str(newer)},
-        timeout=10,
-    )
-    assert answer.ok, answer.text
-    assert wait_served(params, newer, timeout=15, url=triton_server) <= 15
+    with webhook_receiver(params, in_project / "params.yaml", "test-secret-" + str(time.time())):
+        answer = requests.post(
+            f"{mlflow_server}/api/2.0/mlflow/registered-models/alias",
+            json={"name": params.base.model_name, "alias": "production", "version": str(newer)},
+            timeout=10,
+        )
+        assert answer.ok, answer.text
+        assert wait_served(params, newer, timeout=15, url=triton_server) <= 15
 
 
 def test_reconciler_converges_without_webhook_under_steady_load(in_project: Path, params, triton_server: str) -> None:
