@@ -27,7 +27,7 @@ import pandas as pd
 import yaml
 
 from cwtops.core.artifacts import write_json
-from cwtops.core.config import BaseConfig, MlflowConfig
+from cwtops.core.config import BaseConfig, MlflowConfig, flatten_section
 from cwtops.core.errors import CwtopsError
 from cwtops.core.paths import ArtifactPaths, artifact_paths
 from cwtops.registry.lineage import lineage
@@ -350,7 +350,7 @@ def ran_with(cfg: MlflowConfig, base: BaseConfig, lock: Path = Path("dvc.lock"))
     """`section.key -> value` of the params this run was made with: each stage's, as dvc.lock
     records what it ran with (DVC writes a stage's entry when the stage has run), and this stage's
     own sections. Passwords in a database URI are masked."""
-    flat = _flat("base", base.model_dump(mode="json")) | _flat("mlflow", cfg.model_dump(mode="json"))
+    flat = flatten_section("base", base.model_dump(mode="json")) | flatten_section("mlflow", cfg.model_dump(mode="json"))
     try:
         stages = (yaml.safe_load(lock.read_text()) or {}).get("stages") or {}
     except FileNotFoundError:
@@ -358,14 +358,10 @@ def ran_with(cfg: MlflowConfig, base: BaseConfig, lock: Path = Path("dvc.lock"))
     for entry in stages.values():
         for values in (entry.get("params") or {}).values():  # one mapping per params file
             for key, value in values.items():
-                flat |= _flat(key, value) if isinstance(value, dict) else {key: str(value)}
+                flat |= flatten_section(key, value) if isinstance(value, dict) else {key: str(value)}
     if "mlflow.backend_store" in flat:
         flat["mlflow.backend_store"] = masked(flat["mlflow.backend_store"])
     return dict(sorted(flat.items()))
-
-
-def _flat(section: str, values: dict) -> dict[str, str]:
-    return {f"{section}.{key}": str(value) for key, value in values.items()}
 
 
 def run(cfg: MlflowConfig, base: BaseConfig) -> TrackResult:

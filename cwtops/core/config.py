@@ -263,6 +263,10 @@ def flatten(params: Params) -> dict[str, str]:
     """`section.key -> value` strings, the form MLflow params and DVC's params_show use."""
     flat: dict[str, str] = {}
     for section, values in params.model_dump(mode="json").items():
-        for key, value in values.items():
-            flat[f"{section}.{key}"] = str(value)
+        flat |= flatten_section(section, values)
     return flat
+
+
+def flatten_section(section: str, values: dict) -> dict[str, str]:
+    """One section's `section.key -> value` strings."""
+    return {f"{section}.{key}": str(value) for key, value in values.items()}
