@@ -1,6 +1,6 @@
 """The deployments, written once, in prefect.yaml: `prefect deploy --all` sends them to a work pool
 for workers to run, and `cwtops serve` reads the same file and serves them in-process. Names,
-entry points, descriptions, parameters, schedules and concurrency limits come from there alone."""
+entry points, descriptions, parameters, schedules, event triggers and concurrency limits come from there alone."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ class DeploymentSpec:
     parameters: dict[str, Any] = field(default_factory=dict)
     schedules: tuple[dict[str, Any], ...] = ()
     concurrency_limit: int | None = None
+    triggers: tuple[dict[str, Any], ...] = ()
 
 
 def load_specs(path: Path = PREFECT_FILE) -> list[DeploymentSpec]:
@@ -42,7 +43,7 @@ def load_specs(path: Path = PREFECT_FILE) -> list[DeploymentSpec]:
             specs.append(DeploymentSpec(
                 name=entry["name"], entrypoint=entry["entrypoint"], description=entry.get("description", ""),
                 parameters=dict(entry.get("parameters") or {}), schedules=tuple(entry.get("schedules") or ()),
-                concurrency_limit=entry.get("concurrency_limit")))
+                concurrency_limit=entry.get("concurrency_limit"), triggers=tuple(entry.get("triggers") or ())))
         except (KeyError, TypeError) as error:
             raise CwtopsError(f"{path}: deployment {entry!r} lacks {error}; each needs a name and an entrypoint") from None
     if not specs:
@@ -59,6 +60,19 @@ def schedule(entry: dict[str, Any], where: str) -> Schedule:
     if "interval" in entry:
         return Interval(entry["interval"])
     raise CwtopsError(f"{where}: schedule {entry!r} is neither a cron nor an interval; cwtops serve runs those two kinds")
+
+
+def trigger(entry: dict[str, Any], where: str) -> Any:  # noqa: ANN401 - a prefect DeploymentEventTrigger
+    """A prefect.yaml event trigger as Prefect's object (the kind `prefect deploy` reads there too)."""
+    from prefect.events import DeploymentEventTrigger
+    from pydantic import ValidationError
+
+    if entry.get("type", "event") != "event":
+        raise CwtopsError(f"{where}: trigger {entry!r} is not an event trigger; cwtops serve runs event triggers")
+    try:
+        return DeploymentEventTrigger(**{key: value for key, value in entry.items() if key != "type"})
+    except ValidationError as error:
+        raise CwtopsError(f"{where}: trigger {entry!r} is not valid: {error}") from None
 
 
 def flow_of(entrypoint: str, where: str) -> Any:  # noqa: ANN401 - a prefect Flow
@@ -78,5 +92,6 @@ def runner_deployments(params_file: str, path: Path = PREFECT_FILE) -> list[Runn
         where = f"{path} deployment {spec.name}"
         deployments.append(flow_of(spec.entrypoint, where).to_deployment(
             name=spec.name, description=spec.description, parameters={**spec.parameters, "params_file": params_file},
-            schedules=[schedule(entry, where) for entry in spec.schedules], concurrency_limit=spec.concurrency_limit))
+            schedules=[schedule(entry, where) for entry in spec.schedules], concurrency_limit=spec.concurrency_limit,
+            triggers=[trigger(entry, where) for entry in spec.triggers]))
     return deployments

@@ -3,8 +3,9 @@
 - Prefect: joins PREFECT_API_URL when set, else starts a local server on 127.0.0.1.
 - Deployments (served by this process): those prefect.yaml lists, the one place they are written
   (nightly retraining, the rollout reconciler every minute; flows/deployments.py reads them).
-- Webhook: MLflow calls the receiver on `model_version_alias.created`; a verified promotion of
-  the registered model runs the rollout flow at once (the schedule is the safety net).
+- Webhook: MLflow calls the receiver when an alias is set or removed; a verified change of the
+  `production` or `challenger` alias of the registered model runs the rollout flow at once (the
+  schedule is the safety net).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from cwtops.core.config import DEFAULT_PARAMS, Params, load_params
 from cwtops.core.errors import CwtopsError
 from cwtops.core.waiting import wait_until
 from cwtops.services.processes import state_dir
-from cwtops.serving.webhook import PATH, WebhookServer, WebhookVerifier, make_app
+from cwtops.serving.webhook import EVENTS, PATH, WebhookServer, WebhookVerifier, make_app
 
 log = logging.getLogger(__name__)
 WEBHOOK_NAME = "cwtops-rollout"
@@ -60,16 +61,16 @@ def _healthy(api_url: str) -> bool:
 
 
 def register_mlflow_webhook(params: Params, receiver_url: str, secret: str) -> str:
-    """Create or update the MLflow webhook that calls our receiver on alias creation."""
+    """Create or update the MLflow webhook that calls our receiver when an alias is set or removed."""
     from cwtops.registry.server import ensure_server
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=ensure_server(params.mlflow))
     for hook in client.list_webhooks():
         if hook.name == WEBHOOK_NAME:
-            client.update_webhook(hook.webhook_id, url=receiver_url, secret=secret, events=["model_version_alias.created"], status="ACTIVE")
+            client.update_webhook(hook.webhook_id, url=receiver_url, secret=secret, events=list(EVENTS), status="ACTIVE")
             return hook.webhook_id
-    hook = client.create_webhook(name=WEBHOOK_NAME, url=receiver_url, events=["model_version_alias.created"], secret=secret)
+    hook = client.create_webhook(name=WEBHOOK_NAME, url=receiver_url, events=list(EVENTS), secret=secret)
     return hook.webhook_id
 
 
@@ -78,7 +79,8 @@ def start_receiver(params: Params, params_file: str, secret: str) -> WebhookServ
     from flows.rollout import rollout_flow
 
     def on_promotion(payload: dict) -> None:
-        log.info("promotion of version %s received; rolling out", payload.get("data", {}).get("version"))
+        data = payload.get("data", {})
+        log.info("alias %s %s (version %s); reconciling", data.get("alias"), payload.get("action"), data.get("version"))
         rollout_flow(params_file=params_file)
 
     cfg = params.rollout

@@ -37,6 +37,7 @@ from cwtops.core.paths import ArtifactPaths, artifact_paths
 from cwtops.data.signals import SignalReader, load_signals, read_manifest
 from cwtops.model.distributed import SINGLE_PROCESS, World, close_world, init_world, shard, sync_buffers, threads_per_rank, wrap_head
 from cwtops.model.network import HybridCWTNet, ModelArgs, checkpoint_dict, head_flops, trainable_parameters
+from cwtops.monitoring.features import build_reference, features_in_chunks
 from tasks.parse import load_filter_bank
 
 log = logging.getLogger(__name__)
@@ -489,6 +490,7 @@ def run(cfg: TrainConfig, base: BaseConfig) -> TrainResult:
     _fit(state, train, val, cfg, base.seed, settings, paths, amp_dtype, fingerprint, world)
     model.load_state_dict(state.best_state)
     if world.is_main:
+        write_drift_reference(manifest, raw_dir, signal_length, paths.drift_reference)
         ran_with = {"base": {"seed": base.seed}, "train": cfg.model_dump(mode="json"), "parse": asdict(front)}
         _write_outputs(state, ran_with, settings, paths, classes, device, started, resumed_from, world, val is not None,
                        load_seconds)
@@ -607,6 +609,15 @@ def _write_outputs(
             "classes": classes,
         },
     )
+
+
+def write_drift_reference(manifest: pd.DataFrame, raw_dir: Path, signal_length: int, path: Path, chunk: int = 1024) -> None:
+    """The training signals' input statistics, which the drift pass compares served signals with
+    (read in chunks: memory stays flat at any number of signals)."""
+    rows = manifest[manifest.split == "train"]
+    reader = SignalReader(rows, raw_dir, signal_length)
+    chunks = (reader.read(np.arange(start, min(start + chunk, len(rows)))) for start in range(0, len(rows), chunk))
+    write_json(path, build_reference(features_in_chunks(chunks)))
 
 
 def load_json_sha(paths: ArtifactPaths) -> str:

@@ -28,6 +28,10 @@ def small_params(mlflow_port: int, triton_ports: tuple[int, int, int]) -> dict:
     params = _small_params()
     params["mlflow"]["port"] = mlflow_port
     params["triton"].update({"http_port": triton_ports[0], "grpc_port": triton_ports[1], "metrics_port": triton_ports[2]})
+    # The shared test project logs no traffic: the fuzz and fault tests send signals nothing was trained
+    # on, and a drift pass of some `cwtops serve` would start retraining under another test. The
+    # production-loop tests turn logging on in a params file of their own.
+    params["monitoring"]["sample_rate"] = 0.0
     return params
 
 

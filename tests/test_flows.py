@@ -159,6 +159,10 @@ def test_serve_runs_exactly_the_deployments_prefect_yaml_lists() -> None:
         assert [getattr(s, "cron", None) for s in schedules] == [e.get("cron") for e in entry["schedules"]]
         assert [s.interval.total_seconds() if hasattr(s, "interval") else None for s in schedules] == [
             e.get("interval") for e in entry["schedules"]]
+        assert [(sorted(t.expect), t.match.root) for t in deployment.triggers] == [
+            (sorted(e["expect"]), e["match"]) for e in entry.get("triggers", [])]
+    retraining = next(d for d in served if d.name == "nightly")
+    assert [t.expect for t in retraining.triggers] == [{"cwtops.drift.detected"}]  # drift starts retraining
 
 
 def test_moved_schedule_keys_name_where_they_went() -> None:

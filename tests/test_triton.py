@@ -98,6 +98,7 @@ def make_params(repository: Path, ports: tuple[int, int, int] = (8000, 8001, 800
     raw = load_params(ROOT / "params.yaml").model_dump(mode="json")
     raw["base"]["model_name"] = MODEL
     raw["triton"].update({"model_repository": str(repository), "http_port": ports[0], "grpc_port": ports[1], "metrics_port": ports[2]})
+    raw["monitoring"].update({"inference_log": str(repository.parent / "inference_log"), "sample_rate": 0.0})  # on where a test says so
     return params_from_dict(raw)
 
 
@@ -131,6 +132,14 @@ def test_config_is_derived_from_the_onnx_model(models: Models, tmp_path: Path) -
                           "class_names": json.dumps(CLASS_NAMES)}
     assert not config.HasField("optimization")
     assert parse_config(model_config_from_onnx(models.a, params, MODEL)).version_policy.latest.num_versions == 1
+    # the inference log: production's model logs a share of its requests; the challenger's never does
+    logging = params.model_copy(update={"monitoring": params.monitoring.model_copy(update={"sample_rate": 0.25})})
+    logged = {key: value.string_value for key, value in parse_config(model_config_from_onnx(models.a, logging, MODEL)).parameters.items()}
+    assert {key: logged[key] for key in logged if key.startswith("inference_log")} == {
+        "inference_log": str(tmp_path.parent / "inference_log"), "inference_log_sample_rate": "0.25",
+        "inference_log_queue_size": str(params.monitoring.queue_size), "inference_log_flush_seconds": repr(params.monitoring.flush_seconds)}
+    challenger = parse_config(model_config_from_onnx(models.a, logging, MODEL + "-challenger")).parameters
+    assert not any(key.startswith("inference_log") for key in challenger)
 
 
 def test_config_text_round_trips_quotes_and_backslashes(tmp_path: Path) -> None:

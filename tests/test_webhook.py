@@ -66,11 +66,15 @@ def test_bad_deliveries_are_rejected(headers_for, reason: str) -> None:
         WebhookVerifier(SECRET).verify(headers_for(body), body.encode())
 
 
-def test_only_production_alias_of_our_model_counts() -> None:
+def test_only_the_served_aliases_of_our_model_count() -> None:
     assert is_promotion(PROMOTION, "cwtops")
     assert not is_promotion(PROMOTION, "other-model")
     assert not is_promotion({**PROMOTION, "data": {**PROMOTION["data"], "alias": "staging"}}, "cwtops")
-    assert not is_promotion({**PROMOTION, "action": "deleted"}, "cwtops")
+    challenger = {**PROMOTION, "data": {**PROMOTION["data"], "alias": "challenger"}}
+    assert is_promotion(challenger, "cwtops")
+    assert is_promotion({**challenger, "action": "deleted"}, "cwtops")  # removing it retires its version
+    assert not is_promotion({**PROMOTION, "action": "updated"}, "cwtops")
+    assert not is_promotion({**PROMOTION, "entity": "model_version_tag"}, "cwtops")
 
 
 def receiver(on_promotion: Callable[[dict], None] = lambda payload: None, port: int = 0) -> WebhookServer:

@@ -22,12 +22,13 @@ app = typer.Typer(
 
 def _register_all() -> None:
     from cwtops.cli import data as cli_data
+    from cwtops.cli import monitoring as cli_monitoring
     from cwtops.cli import tracking as cli_mlflow
     from cwtops.cli import triton as cli_triton
     from cwtops.cli import variants as cli_variants
     from cwtops.cli import weights as cli_weights
 
-    for module in (cli_weights, cli_data, cli_mlflow, cli_triton, cli_variants):
+    for module in (cli_weights, cli_data, cli_mlflow, cli_triton, cli_variants, cli_monitoring):
         module.register(app)
 
 

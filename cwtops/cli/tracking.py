@@ -65,7 +65,7 @@ def promote_command(version: int = typer.Argument(..., help="model version to se
 
 
 def models_command(params_path: Path = ParamsOption) -> None:
-    """Registered versions: key metric, aliases, deployment status, creation time."""
+    """Registered versions: key metric, aliases (production, challenger), their serving status, creation time."""
     from cwtops.registry.versions import list_versions
 
     params = load_params(params_path)
@@ -74,12 +74,13 @@ def models_command(params_path: Path = ParamsOption) -> None:
         typer.echo(f"no registered versions of {params.base.model_name}")
         return
     metric = f"test_{params.rollout.metric}"
-    typer.echo(f"{'version':>7}  {metric:>16}  {'aliases':<12}  {'deployment':<12}  {'created':<20}  run")
+    typer.echo(f"{'version':>7}  {metric:>16}  {'aliases':<21}  {'deployment':<12}  {'challenger':<10}  {'created':<20}  run")
     for row in rows:
         value = f"{row['metric']:.4f}" if row["metric"] is not None else "-"
         aliases = ",".join(row["aliases"]) or "-"
         status = row["deployment_status"] or "-"
-        typer.echo(f"{row['version']:>7}  {value:>16}  {aliases:<12}  {status:<12}  {row['created']:<20}  {row['run_id']}")
+        challenger = row["challenger_status"] or "-"
+        typer.echo(f"{row['version']:>7}  {value:>16}  {aliases:<21}  {status:<12}  {challenger:<10}  {row['created']:<20}  {row['run_id']}")
 
 
 def register(app: typer.Typer) -> None:

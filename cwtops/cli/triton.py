@@ -97,16 +97,34 @@ def read_signals(file: Path) -> np.ndarray:
     return signals.astype(np.float32, copy=False)
 
 
+def model_serving(params: Params, url: str, version: int | None) -> str:
+    """The Triton model that serves `version`: production's model, or the challenger's when it serves it."""
+    from cwtops.serving.publish import challenger_model_name, served_versions
+
+    name = params.base.model_name
+    if version is None or version in served_versions(url, name):
+        return name
+    challenger = challenger_model_name(params)
+    if version in served_versions(url, challenger):
+        return challenger
+    raise CwtopsError(f"Triton at {url} serves version {version} neither as '{name}' (production) nor as '{challenger}' "
+                      "(challenger); see `cwtops models` and `cwtops triton status`")
+
+
 def predict_command(
     file: Path = typer.Argument(..., help=".npy file: one signal [L] or many [N, L]"),
     url: str | None = typer.Option(None, help="Triton HTTP host:port (default: the running server, else params)"),
     model: str | None = typer.Option(None, help="model name (default base.model_name)"),
-    version: int | None = typer.Option(None, help="model version (default: the one Triton serves)"),
+    version: int | None = typer.Option(None, help="model version, production's or the challenger's (default: production)"),
     top_k: int = typer.Option(3, "--top-k", min=1, help="classes to show per signal"),
+    request_id: str | None = typer.Option(None, "--request-id", help="id of the request, for `cwtops feedback` (default: a new one)"),
     params_path: Path = ParamsOption,
 ) -> None:
-    """Classify signals through Triton; print class names with probabilities."""
-    from cwtops.serving.client import as_batch, classify
+    """Classify signals through Triton; print class names with probabilities, and each signal's
+    request id and row (what `cwtops feedback` takes labels for)."""
+    import uuid
+
+    from cwtops.serving.client import as_batch, classify, request_ids, served_config
     from cwtops.serving.server import http_url
 
     params = load_params(params_path)
@@ -115,9 +133,15 @@ def predict_command(
         as_batch(signals)
     except CwtopsError as error:  # refused before anything is sent, naming the file
         raise CwtopsError(f"{file}: {error}") from None
-    results = classify(url or http_url(params), model or params.base.model_name, signals, top_k=top_k, version=version)
-    for index, ranked in enumerate(results):
-        typer.echo(f"signal {index}: " + ", ".join(f"{name} {probability:.4f}" for name, probability in ranked))
+    url = url or http_url(params)
+    if model is None:
+        model = model_serving(params, url, version)
+    request_id = request_id or uuid.uuid4().hex
+    results = classify(url, model, signals, top_k=top_k, version=version, request_id=request_id)
+    max_batch = max(1, int(served_config(url, model, version).get("max_batch_size", 0)))
+    for index, (ranked, (sent_as, row)) in enumerate(zip(results, request_ids(request_id, len(results), max_batch))):
+        typer.echo(f"signal {index}: " + ", ".join(f"{name} {probability:.4f}" for name, probability in ranked)
+                   + f"  (request {sent_as} row {row})")
 
 
 def register(app: typer.Typer) -> None:

@@ -173,6 +173,23 @@ class RolloutConfig(Section):
     webhook_port: int = Field(8787, ge=1, le=65535)
 
 
+class MonitoringConfig(Section):
+    """The production loop: the inference log the serving path writes, shadow scoring, drift."""
+
+    inference_log: str = "inference_log"  # a folder, or s3://bucket/prefix (docs/s3.md)
+    sample_rate: float = Field(0.1, ge=0, le=1)  # share of production requests logged; 0: off
+    queue_size: int = Field(1024, ge=1)  # requests waiting to be written per model instance; beyond: dropped, counted
+    flush_seconds: float = Field(2.0, gt=0)
+    min_signals: int = Field(200, ge=10)  # a drift pass judges only this many new logged signals or more
+    drift_threshold: float = Field(0.25, gt=0)  # population stability index of any feature above it: drift
+    max_signals: int = Field(5000, ge=10)  # newest logged signals a shadow or drift pass reads at most
+
+    @field_validator("inference_log")
+    @classmethod
+    def _s3_log(cls, value: str) -> str:
+        return _checked_s3(value, for_triton=False)
+
+
 VariantName = Literal["optimized", "int8", "fp16"]
 VARIANTS: tuple[VariantName, ...] = ("optimized", "int8", "fp16")
 
@@ -213,6 +230,7 @@ class Params(Section):
     mlflow: MlflowConfig = MlflowConfig()
     triton: TritonConfig = TritonConfig()
     rollout: RolloutConfig = RolloutConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()
     variants: VariantsConfig = VariantsConfig()
 
 

@@ -51,6 +51,10 @@ class ArtifactPaths:
     def train_summary(self) -> Path:
         return self.root / "train" / "summary.json"
 
+    @property
+    def drift_reference(self) -> Path:  # the training signals' input statistics (cwtops/monitoring/features.py)
+        return self.root / "train" / "drift_reference.json"
+
     # evaluate
     @property
     def evaluate_dir(self) -> Path:

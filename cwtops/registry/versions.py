@@ -4,7 +4,8 @@ The alias `production` on a version of `base.model_name` is the single source of
 Triton should serve. Every version is logged into the pipeline's tracked run with MLflow's ONNX
 flavour (one `model.onnx`, no external data) and carries, from the moment it is created, tags
 that trace it to its run, data, weights and commit, plus the parity reference inputs and outputs
-(`extra_files/reference.npz` in the model folder) so a served model can be checked against them.
+(`extra_files/reference.npz` in the model folder) so a served model can be checked against them,
+and the training inputs' statistics (`extra_files/drift_reference.json`) that drift is judged by.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 ALIAS = "production"
+CHALLENGER_ALIAS = "challenger"  # a version served beside production, reached by its own model name
 MODEL_NAME_IN_RUN = "model"  # the logged model's name inside the run
 REFERENCE_ARTIFACT = "extra_files/reference.npz"  # relative to the model folder
+DRIFT_REFERENCE_ARTIFACT = "extra_files/drift_reference.json"  # the training inputs' statistics (drift)
 DEPLOYMENT_STATUS_TAG = "deployment_status"  # written by the rollout
 LINEAGE_CHECKED = ("data_dvc_md5", "weights_dvc_md5", "split_manifest_sha256", "filter_bank_sha256")
 
@@ -188,7 +191,8 @@ def _log_version(params: Params, run_id: str, experiment_id: str, tags: dict[str
     info = mlflow.onnx.log_model(
         model, name=MODEL_NAME_IN_RUN, registered_model_name=params.base.model_name,
         save_as_external_data=False, signature=infer_signature(inputs, outputs),
-        input_example={"signal": reference["inputs"][:1]}, extra_files=[str(paths.reference)],
+        input_example={"signal": reference["inputs"][:1]},
+        extra_files=[str(path) for path in (paths.reference, paths.drift_reference) if path.exists()],
         pip_requirements=mlflow.onnx.get_default_pip_requirements(),  # skips a subprocess that infers them
         metadata={prop.key: prop.value for prop in model.metadata_props}, tags=tags, run_id=run_id,
     )
@@ -234,20 +238,34 @@ def register(params: Params, attempts: int = 3) -> RegisterResult:
 # ---------------------------------------------------------------- promote, list, resolve, fetch, tag
 
 
-def promote(params: Params, version: int) -> None:
-    """Set the alias `production` on `version`, exactly as the MLflow UI does."""
+def promote(params: Params, version: int, alias: str = ALIAS) -> None:
+    """Set the alias `production` (or `alias`) on `version`, exactly as the MLflow UI does."""
     with registry_client(params) as client:
         _get_version(client, params.base.model_name, version)  # a clear error when it does not exist
-        client.set_registered_model_alias(params.base.model_name, ALIAS, str(version))
+        client.set_registered_model_alias(params.base.model_name, alias, str(version))
+
+
+def remove_alias(params: Params, alias: str) -> int | None:
+    """Delete `alias` from the model (as the UI's alias editor does); the version it was on, or None."""
+    current = alias_version(params, alias)
+    if current is not None:
+        with registry_client(params) as client:
+            client.delete_registered_model_alias(params.base.model_name, alias)
+    return current
 
 
 def production_version(params: Params) -> int | None:
     """The version carrying `production`, or None when no version does."""
+    return alias_version(params, ALIAS)
+
+
+def alias_version(params: Params, alias: str) -> int | None:
+    """The version carrying `alias`, or None when no version does."""
     from mlflow.exceptions import MlflowException
 
     with registry_client(params) as client:
         try:
-            return int(client.get_model_version_by_alias(params.base.model_name, ALIAS).version)
+            return int(client.get_model_version_by_alias(params.base.model_name, alias).version)
         except MlflowException as error:
             if _not_found(error) or getattr(error, "error_code", "") == "INVALID_PARAMETER_VALUE":
                 return None  # no such model, or no such alias
@@ -278,6 +296,7 @@ def _version_row(version: ModelVersion, metric: str, aliases: dict[str, str]) ->
         "metric": float(value) if value else None,
         "aliases": sorted(alias for alias, target in aliases.items() if str(target) == str(version.version)),
         "deployment_status": version.tags.get(DEPLOYMENT_STATUS_TAG, ""),
+        "challenger_status": version.tags.get("challenger_status", ""),
         "created": f"{created:%Y-%m-%d %H:%M} UTC",
         "run_id": version.run_id,
     }
@@ -345,3 +364,44 @@ def set_version_tags(params: Params, version: int, tags: dict[str, str]) -> None
     with registry_client(params) as client:
         for key, value in tags.items():
             client.set_model_version_tag(params.base.model_name, str(version), key, str(value))
+
+
+def version_tags_of(params: Params, version: int) -> dict[str, str]:
+    """The tags on a version (the rollout's, shadow scoring's, drift's and lineage's)."""
+    with registry_client(params) as client:
+        return dict(_get_version(client, params.base.model_name, version).tags)
+
+
+def log_version_metrics(params: Params, version: int, metrics: dict[str, float], step: int = 0,
+                        tags: dict[str, str] | None = None) -> str:
+    """Metrics about a served version (shadow agreement, live accuracy) on the run that produced it,
+    where its test metrics are, and the latest values as tags on the version itself. The run's id."""
+    import time
+
+    name = params.base.model_name
+    with registry_client(params) as client:
+        entry = _get_version(client, name, version)
+        stamp = int(time.time() * 1000)
+        for key, value in metrics.items():
+            client.log_metric(entry.run_id, key, float(value), timestamp=stamp, step=int(step))
+        for key, value in (tags or {}).items():
+            client.set_model_version_tag(name, str(version), key, str(value))
+        return entry.run_id
+
+
+def download_version_file(params: Params, version: int, relative: str, dest: Path) -> Path:
+    """One file of a version's model folder (e.g. DRIFT_REFERENCE_ARTIFACT) into `dest`."""
+    import mlflow
+
+    name = params.base.model_name
+    with registry_client(params) as client:
+        _get_version(client, name, version)
+        location = client.get_model_version_download_uri(name, str(version))
+        try:
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{location.rstrip('/')}/{relative}", dst_path=str(dest),
+                                                            tracking_uri=client.tracking_uri))
+        except Exception as error:
+            if is_connection_error(error):
+                raise
+            raise CwtopsError(f"version {version} of '{name}' has no {relative} ({type(error).__name__}); "
+                              "versions registered before it was recorded have none: retrain and register a new one") from None

@@ -77,9 +77,17 @@ def max_batch_size(url: str, model: str, client: httpclient.InferenceServerClien
         return int((client or connect(url)).get_model_config(model).get("max_batch_size", 0))
 
 
+def request_ids(request_id: str, signals: int, max_batch: int) -> list[tuple[str, int]]:
+    """(request id, row within the request) of each signal: one request per chunk of max_batch, the
+    id as given for a single request, `<id>.<k>` for the k-th of several (what the inference log records)."""
+    chunks = -(-signals // max_batch)
+    return [(request_id if chunks == 1 else f"{request_id}.{i // max_batch}", i % max_batch) for i in range(signals)]
+
+
 def infer(url: str, model: str, signals: np.ndarray, version: int | None = None, *, max_batch: int | None = None,
-          client: httpclient.InferenceServerClient | None = None) -> np.ndarray:
-    """Logits [N, C] for the signals; chunks of at most max_batch (default: the model's max_batch_size)."""
+          client: httpclient.InferenceServerClient | None = None, request_id: str = "") -> np.ndarray:
+    """Logits [N, C] for the signals; chunks of at most max_batch (default: the model's max_batch_size),
+    each sent as one request with its id from `request_ids` when `request_id` is given."""
     import tritonclient.http as httpclient
 
     batch = as_batch(signals)
@@ -89,13 +97,15 @@ def infer(url: str, model: str, signals: np.ndarray, version: int | None = None,
     if max_batch < 1:
         raise CwtopsError(f"model '{model}' at {url} has max_batch_size 0; publish it with triton.max_batch_size >= 1")
     outputs = []
+    ids = request_ids(request_id, len(batch), max_batch) if request_id else []
     for start in range(0, len(batch), max_batch):
         chunk = batch[start : start + max_batch]
         tensor = httpclient.InferInput(INPUT_NAME, list(chunk.shape), "FP32")
         tensor.set_data_from_numpy(chunk, binary_data=True)
         requested = [httpclient.InferRequestedOutput(OUTPUT_NAME, binary_data=True)]
         with triton_errors(url, model):
-            result = client.infer(model, [tensor], model_version=str(version or ""), outputs=requested)
+            result = client.infer(model, [tensor], model_version=str(version or ""), outputs=requested,
+                                  request_id=ids[start][0] if ids else "")
         outputs.append(result.as_numpy(OUTPUT_NAME))
     return np.concatenate(outputs)
 
@@ -132,14 +142,15 @@ def class_names(url: str, model: str, client: httpclient.InferenceServerClient |
     return [str(name) for name in names] if isinstance(names, list) else []
 
 
-def classify(url: str, model: str, signals: np.ndarray, top_k: int = 3, version: int | None = None) -> list[list[tuple[str, float]]]:
+def classify(url: str, model: str, signals: np.ndarray, top_k: int = 3, version: int | None = None,
+             request_id: str = "") -> list[list[tuple[str, float]]]:
     """For each signal, the top-k (class name, probability) pairs, most probable first."""
     client = connect(url)
     batch = as_batch(signals)  # refused here, before anything is sent: dtype, shape, NaN or Inf
     config = served_config(url, model, version, client)
     check_length(batch, config, url, model)
     probabilities = softmax(infer(url, model, batch, version, max_batch=max(1, int(config.get("max_batch_size", 0))),
-                                  client=client))
+                                  client=client, request_id=request_id))
     names = class_names(url, model, client, config)
     if len(names) != probabilities.shape[1]:
         names = [f"class {i}" for i in range(probabilities.shape[1])]

@@ -187,9 +187,25 @@ def build_config(name: str, signature: ModelSignature, params: Params, versions:
         "inter_op_thread_count": "1",
         "class_names": json.dumps(list(signature.class_names)),
     }
+    parameters |= inference_log_parameters(name, params)
     for key, value in parameters.items():
         config.parameters[key].string_value = value
     return config
+
+
+def inference_log_parameters(name: str, params: Params) -> dict[str, str]:
+    """What the serving backend reads to log sampled requests: production's model only (the
+    challenger and the staging copy are reached on purpose, not by live traffic)."""
+    cfg = params.monitoring
+    if name != params.base.model_name or cfg.sample_rate <= 0:
+        return {}
+    location = cfg.inference_log if cfg.inference_log.startswith("s3://") else str(Path(cfg.inference_log).resolve())
+    return {
+        "inference_log": location,
+        "inference_log_sample_rate": repr(cfg.sample_rate),
+        "inference_log_queue_size": str(cfg.queue_size),
+        "inference_log_flush_seconds": repr(cfg.flush_seconds),
+    }
 
 
 def render_config(name: str, signature: ModelSignature, params: Params, versions: Sequence[int] = ()) -> str:
@@ -269,12 +285,22 @@ def served_versions(url: str, model: str) -> list[int]:
     )
 
 
-def served_version(params: Params, url: str | None = None) -> int | None:
+def served_version(params: Params, url: str | None = None, model: str | None = None) -> int | None:
     """The version unversioned requests reach now (the highest READY one), or None."""
     from cwtops.serving.server import http_url
 
-    versions = served_versions(url or http_url(params), validate_model_name(params.base.model_name))
+    versions = served_versions(url or http_url(params), validate_model_name(model or params.base.model_name))
     return versions[-1] if versions else None
+
+
+def challenger_model_name(params: Params) -> str:
+    """The Triton model that serves the `challenger` version beside production.
+
+    Triton sends a request without a version to the highest READY version of a model and has no
+    setting for another default, so a challenger newer than production cannot share its model:
+    it would take the unversioned traffic. It is served under this name, with its registry
+    version as its Triton version; `base.model_name` keeps serving production alone."""
+    return validate_model_name(f"{params.base.model_name}-challenger")
 
 
 @contextlib.contextmanager
@@ -480,9 +506,9 @@ class _Candidate:
     reference: tuple[np.ndarray, np.ndarray] | None
 
 
-def _check(onnx_path: Path, version: int, params: Params, reference: Path | None) -> _Candidate:
+def _check(onnx_path: Path, version: int, params: Params, reference: Path | None, model: str | None = None) -> _Candidate:
     """Every check that needs no server and writes nothing."""
-    name = validate_model_name(params.base.model_name)
+    name = validate_model_name(model or params.base.model_name)
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise CwtopsError(f"version {version!r} is not allowed: Triton versions are integers >= 1 (the registry version)")
     signature = read_signature(onnx_path)
@@ -513,8 +539,9 @@ def _serve_beside_previous(url: str, repository: ModelRepository, candidate: _Ca
 
 
 def publish_version(onnx_path: Path, version: int, params: Params, *, reference: Path | None = None, url: str | None = None,
-                    retire_others: bool = True, timeout: float = 60.0) -> PublishResult:
-    """Publish `onnx_path` as `version`: write atomically, load, check through Triton, retire the others.
+                    retire_others: bool = True, timeout: float = 60.0, model: str | None = None) -> PublishResult:
+    """Publish `onnx_path` as `version` of `model` (default `base.model_name`): write atomically,
+    load, check through Triton, retire the others.
 
     Checks run before anything is written; after that, any failure restores the previous config and
     version set (the old version keeps serving) and raises a CwtopsError naming the version.
@@ -522,7 +549,7 @@ def publish_version(onnx_path: Path, version: int, params: Params, *, reference:
     from cwtops.serving.server import http_url
 
     started = time.monotonic()
-    candidate = _check(Path(onnx_path), version, params, reference)
+    candidate = _check(Path(onnx_path), version, params, reference, model)
     url = url or http_url(params)
     repository = open_repository(params)
     with _publish_lock(candidate.name):
@@ -536,3 +563,23 @@ def publish_version(onnx_path: Path, version: int, params: Params, *, reference:
             serving = f"versions {previous} keep serving" if previous else "nothing was serving before"
             raise CwtopsError(f"publishing {candidate.name} version {version} failed and was rolled back ({serving}): {failure}") from failure
     return PublishResult(candidate.name, version, created, retired, error, time.monotonic() - started)
+
+
+def retire_model(params: Params, model: str, url: str | None = None, timeout: float = 60.0) -> list[int]:
+    """Stop serving `model` altogether: unload it from Triton, then remove it from the repository.
+
+    The versions it served are returned. Unloading first means a failure leaves the files in
+    place, so a restarted Triton still finds what it was serving and the next pass tries again."""
+    from cwtops.serving.server import http_url
+
+    name = validate_model_name(model)
+    url = url or http_url(params)
+    repository = open_repository(params)
+    with _publish_lock(name):
+        served = served_versions(url, name)
+        if served:
+            with triton_errors(url, name):
+                connect(url, timeout=timeout).unload_model(name, headers=admin_headers())
+            _wait_for(lambda: not served_versions(url, name), timeout, f"{name} versions {served} not unloaded")
+        repository.remove_tree(name)
+    return served

@@ -6,6 +6,11 @@ newest version); actual = the version Triton serves. When they differ: fetch the
 the served outputs against the reference recorded at parity, then retire the old version. Any
 failure leaves the old version serving and is recorded as tags on the MLflow version.
 
+The same pass keeps the `challenger` alias in step: its version is served as the Triton model
+`<model>-challenger` (publish.challenger_model_name says why it is not a second version of the
+production model), published the same checked way, and retired from Triton when the alias is
+removed or moves onto the production version. Its state is the version's `challenger_status` tag.
+
 One reconcile at a time on a machine: a file lock serialises the webhook, the schedule and
 manual calls (a second caller waits for the first).
 """
@@ -17,7 +22,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -29,6 +34,8 @@ log = logging.getLogger(__name__)
 STATUS_TAG = "deployment_status"  # serving | rolling_out | failed | interrupted | retired
 REASON_TAG = "deployment_reason"
 TIME_TAG = "deployment_time"
+CHALLENGER_STATUS_TAG = "challenger_status"  # serving | failed | retired
+CHALLENGER_REASON_TAG = "challenger_reason"
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,7 @@ class RolloutOutcome:
     served: int | None
     reason: str = ""
     seconds: float = 0.0
+    challenger: dict = field(default_factory=dict)  # the challenger pass: action, desired, served, reason
 
 
 @contextlib.contextmanager
@@ -90,12 +98,81 @@ def reconcile(params: Params, url: str | None = None, retry_failed: bool = False
         desired = desired_version(params)
         actual = served_version(params, url)
         if desired is None or desired == actual:
-            return RolloutOutcome("noop", desired, actual, actual, seconds=time.monotonic() - started)
-        if not retry_failed and _already_failed(params, desired):
+            outcome = RolloutOutcome("noop", desired, actual, actual)
+        elif not retry_failed and _already_failed(params, desired):
             reason = f"version {desired} failed its last rollout; promote it again or run `cwtops rollout --retry`"
-            return RolloutOutcome("skipped", desired, actual, actual, reason, time.monotonic() - started)
-        outcome = _roll_out_version(params, desired, actual, url)
-    return RolloutOutcome(**{**outcome.__dict__, "seconds": time.monotonic() - started})
+            outcome = RolloutOutcome("skipped", desired, actual, actual, reason)
+        else:
+            outcome = _roll_out_version(params, desired, actual, url)
+        challenger = _challenger_pass(params, outcome, url, retry_failed)
+    return RolloutOutcome(**{**outcome.__dict__, "seconds": time.monotonic() - started, "challenger": asdict(challenger)})
+
+
+def _challenger_pass(params: Params, production: RolloutOutcome, url: str | None, retry_failed: bool) -> RolloutOutcome:
+    """The challenger's pass never masks production's outcome: its failure is reported beside it."""
+    if production.action == "interrupted":
+        return RolloutOutcome("skipped", None, None, None, "Triton went away during production's rollout")
+    try:
+        return reconcile_challenger(params, production.served, url, retry_failed)
+    except Exception as error:  # noqa: BLE001 - MLflow or Triton unreachable: the next pass tries again
+        return RolloutOutcome("error", None, None, None, f"{type(error).__name__}: {error}"[:4000])
+
+
+def reconcile_challenger(params: Params, production: int | None, url: str | None = None, retry_failed: bool = False) -> RolloutOutcome:
+    """Serve the `challenger` version as `<model>-challenger`, or nothing there when the alias is gone
+    (or sits on the production version). Call under the rollout lock."""
+    from cwtops.registry.versions import CHALLENGER_ALIAS, alias_version, download_version, set_version_tags
+    from cwtops.serving.publish import challenger_model_name, publish_version, retire_model, served_version
+
+    name = challenger_model_name(params)
+    desired = alias_version(params, CHALLENGER_ALIAS)
+    if desired is not None and desired == production:
+        desired = None  # production serves it already, under the name every client uses
+    actual = served_version(params, url, name)
+    if desired == actual:
+        return RolloutOutcome("noop", desired, actual, actual)
+    if desired is None:
+        retire_model(params, name, url)
+        _tag_best_effort(params, actual, {CHALLENGER_STATUS_TAG: "retired", TIME_TAG: _now()})
+        return RolloutOutcome("retired", None, actual, None)
+    if not retry_failed and _tag_of(params, desired, CHALLENGER_STATUS_TAG) == "failed":
+        reason = f"challenger version {desired} failed its last rollout; set the alias again or run `cwtops rollout --retry`"
+        return RolloutOutcome("skipped", desired, actual, actual, reason)
+    try:
+        with tempfile.TemporaryDirectory(prefix="cwtops-challenger-") as scratch:
+            files = download_version(params, desired, Path(scratch))
+            publish_version(files.onnx, desired, params, reference=files.reference, url=url, retire_others=True, model=name)
+    except Exception as error:  # the previous challenger (if any) keeps serving
+        reason = f"{type(error).__name__}: {error}"[:4000]
+        if _triton_up(params, url):
+            set_version_tags(params, desired, {CHALLENGER_STATUS_TAG: "failed", CHALLENGER_REASON_TAG: reason, TIME_TAG: _now()})
+            return RolloutOutcome("failed", desired, actual, served_version(params, url, name), reason)
+        return RolloutOutcome("interrupted", desired, actual, None, f"Triton went away during the rollout. {reason}"[:4000])
+    set_version_tags(params, desired, {CHALLENGER_STATUS_TAG: "serving", CHALLENGER_REASON_TAG: "", TIME_TAG: _now()})
+    if actual is not None:
+        _tag_best_effort(params, actual, {CHALLENGER_STATUS_TAG: "retired", TIME_TAG: _now()})
+    return RolloutOutcome("rolled_out", desired, actual, desired)
+
+
+def _tag_of(params: Params, version: int, tag: str) -> str | None:
+    from cwtops.registry.versions import registry_client
+
+    with registry_client(params) as client:
+        return client.get_model_version(params.base.model_name, str(version)).tags.get(tag)
+
+
+def _tag_best_effort(params: Params, version: int | None, tags: dict[str, str]) -> None:
+    """Tag a version that left Triton; it may have been published by hand, outside the registry."""
+    from mlflow.exceptions import MlflowException
+
+    from cwtops.registry.versions import set_version_tags
+
+    if version is None:
+        return
+    try:
+        set_version_tags(params, version, tags)
+    except (MlflowException, CwtopsError) as error:
+        log.warning("could not tag version %s: %s", version, error)
 
 
 def _triton_up(params: Params, url: str | None) -> bool:
@@ -106,14 +183,7 @@ def _triton_up(params: Params, url: str | None) -> bool:
 
 def _mark_retired(params: Params, version: int) -> None:
     """Best effort: the old version may have been published by hand, outside the registry."""
-    from mlflow.exceptions import MlflowException
-
-    from cwtops.registry.versions import set_version_tags
-
-    try:
-        set_version_tags(params, version, {STATUS_TAG: "retired", TIME_TAG: _now()})
-    except MlflowException as error:
-        log.warning("could not tag retired version %s: %s", version, error)
+    _tag_best_effort(params, version, {STATUS_TAG: "retired", TIME_TAG: _now()})
 
 
 def _roll_out_version(params: Params, desired: int, actual: int | None, url: str | None) -> RolloutOutcome:

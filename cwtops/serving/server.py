@@ -84,6 +84,7 @@ def build_backends(target: Path) -> Path:
         _install(_server_dir() / "backends" / "python" / name, python_dir / name)
     _install(stub, python_dir / stub.name)
     _install(BACKEND_SOURCE, ort_dir / "model.py")
+    _install(BACKEND_SOURCE.with_name("inference_log.py"), ort_dir / "inference_log.py")  # model.py loads it
     return target
 
 

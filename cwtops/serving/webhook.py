@@ -94,13 +94,18 @@ class WebhookVerifier:
         return payload
 
 
-def is_promotion(payload: dict, model_name: str, alias: str = "production") -> bool:
+SERVED_ALIASES = ("production", "challenger")  # the aliases whose changes the rollout follows
+EVENTS = ("model_version_alias.created", "model_version_alias.deleted")  # what the MLflow webhook subscribes to
+
+
+def is_promotion(payload: dict, model_name: str, aliases: tuple[str, ...] = SERVED_ALIASES) -> bool:
+    """An alias that decides what Triton serves was set on, or removed from, a version of our model."""
     data = payload.get("data") or {}
     return (
         payload.get("entity") == "model_version_alias"
-        and payload.get("action") == "created"
+        and payload.get("action") in ("created", "deleted")
         and data.get("name") == model_name
-        and data.get("alias") == alias
+        and data.get("alias") in aliases
     )
 
 

@@ -6,6 +6,11 @@ its native backend). Inputs, outputs, the batch size and the thread counts come 
 config; all requests of a dynamic batch go through one ONNX Runtime call; a bad request gets a
 Triton error of its own and the others in its batch are still answered.
 
+With `inference_log` among the config's parameters (publish sets it for the production model when
+`monitoring.sample_rate` > 0), a sampled share of answered requests goes to the inference log
+(inference_log.py, installed beside this file): copied into a bounded queue on the request path,
+written to Parquet by a thread of its own, so a slow or failing store never holds a request.
+
 Tensors cross the stub boundary through DLPack rather than `as_numpy()` / `Tensor(name, array)`:
 the stub's NumPy bindings were compiled against NumPy 1.x and read NumPy 2 arrays with the wrong
 item size (empty outputs, zero-stride inputs), while DLPack carries its own layout.
@@ -14,8 +19,10 @@ item size (empty outputs, zero-stride inputs), while DLPack carries its own layo
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import json
 import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -98,6 +105,29 @@ def triton_error(message: str, invalid: bool) -> Any:
     return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
 
 
+def _sibling(name: str) -> Any:  # noqa: ANN401 - a module
+    """A module installed beside this file (the backend directory is not on sys.path)."""
+    module_name = f"cwtops_backend_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # before running it: its dataclasses look their module up
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
+def inference_log(name: str, version: str, parameters: dict[str, str]) -> Any:  # noqa: ANN401 - an InferenceLog or None
+    """The model's inference log when the config asks for one (a sample rate above 0), else None."""
+    location = parameters.get("inference_log", "")
+    rate = float(parameters.get("inference_log_sample_rate", "0") or 0)
+    if not location or rate <= 0:
+        return None
+    names = json.loads(parameters.get("class_names", "[]") or "[]")
+    return _sibling("inference_log").InferenceLog(
+        location, name, int(version), names, rate, queue_size=int(parameters.get("inference_log_queue_size", "1024")),
+        flush_seconds=float(parameters.get("inference_log_flush_seconds", "2")))
+
+
 class TritonPythonModel:
     """One ONNX Runtime session per model instance."""
 
@@ -111,6 +141,18 @@ class TritonPythonModel:
         path = os.path.join(args["model_repository"], args["model_version"], config.get("default_model_filename") or "model.onnx")
         self.session = ort.InferenceSession(path, session_options(parameters), providers=providers(args, config))
         self._check_names(path)
+        self.log = inference_log(self.name, args["model_version"], parameters)
+        self._logged = self.outputs.index("logits") if "logits" in self.outputs else 0
+
+    def _record(self, request: Any, arrays: dict[str, np.ndarray], results: list[np.ndarray]) -> None:
+        """Offer an answered request to the inference log (a copy, queued; never blocks or raises)."""
+        if self.log is None:
+            return
+        try:
+            request_id = request.request_id() if hasattr(request, "request_id") else ""
+        except Exception:  # noqa: BLE001 - an id is a nicety; the row is logged without one
+            request_id = ""
+        self.log.offer(request_id, arrays[self.inputs[0][0]], results[self._logged])
 
     def _check_names(self, path: str) -> None:
         """A config that names tensors the ONNX graph lacks fails the load, with both lists."""
@@ -160,15 +202,15 @@ class TritonPythonModel:
                 responses[index] = pb_utils.InferenceResponse(error=triton_error(str(error), invalid=True))
         if self.max_batch_size and len(good) > 1:
             try:
-                self._run_together(good, responses)
+                self._run_together(good, responses, requests)
                 return responses
             except Exception:  # one request the graph rejects must not fail its neighbours: retry one by one
                 pass
         for index, arrays in good:
-            self._run_one(index, arrays, responses)
+            self._run_one(index, arrays, responses, requests[index])
         return responses
 
-    def _run_together(self, good: list[tuple[int, dict[str, np.ndarray]]], responses: list) -> None:
+    def _run_together(self, good: list[tuple[int, dict[str, np.ndarray]]], responses: list, requests: list) -> None:
         feeds = {name: np.concatenate([arrays[name] for _, arrays in good]) for name, _, _ in self.inputs}
         results = self.session.run(self.outputs, feeds)  # each [sum of the request batches, ...]
         start = 0
@@ -176,16 +218,20 @@ class TritonPythonModel:
             stop = start + len(arrays[self.inputs[0][0]])
             tensors = [to_triton(name, result[start:stop]) for name, result in zip(self.outputs, results)]
             responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
+            self._record(requests[index], arrays, [result[start:stop] for result in results])
             start = stop
 
-    def _run_one(self, index: int, arrays: dict[str, np.ndarray], responses: list) -> None:
+    def _run_one(self, index: int, arrays: dict[str, np.ndarray], responses: list, request: Any = None) -> None:
         try:
             results = self.session.run(self.outputs, arrays)
             tensors = [to_triton(name, result) for name, result in zip(self.outputs, results)]
             responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
+            self._record(request, arrays, results)
         except Exception as error:
             message = f"model '{self.name}': ONNX Runtime rejected the request: {error}"
             responses[index] = pb_utils.InferenceResponse(error=triton_error(message, invalid=False))
 
     def finalize(self) -> None:
+        if self.log is not None:
+            self.log.close(timeout=5.0)  # what is queued is written before the version unloads
         self.session = None

@@ -1,0 +1,1 @@
+"""The production loop: the inference log read back, shadow scoring of the challenger, drift, feedback."""

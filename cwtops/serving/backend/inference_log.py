@@ -1,0 +1,194 @@
+"""The inference log: a sampled share of served requests, written to Parquet off the request path.
+
+The serving backend offers each answered request here; a sampled one is copied into a bounded
+queue (`offer` never blocks and never raises), and a writer thread turns the queue into Parquet
+files: one row per signal, with the time, the request id, the model and version, the signal, the
+logits and the predicted class. Files are written whole or not at all (a temporary name, then a
+rename; on S3 one PUT), under hive-style folders that pandas and pyarrow read as columns:
+
+    <location>/model=<name>/version=<N>/date=<YYYY-MM-DD>/part-<time>-<id>.parquet
+
+A full disk, a folder that cannot be written or an S3 endpoint that does not answer costs the
+rows of that file, counted in `stats`; requests are answered as before. When the queue is full
+(the writer is behind), new samples are dropped and counted instead of waited for.
+
+This file is installed next to the backend's model.py and imports only the standard library,
+NumPy and pyarrow (boto3 for S3), so it runs in any Triton Python-backend environment.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import queue
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+
+log = logging.getLogger("cwtops.inference_log")
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class LogStats:
+    offered: int = 0
+    sampled: int = 0
+    dropped: int = 0  # the queue was full
+    written: int = 0  # signals in files that landed
+    failed: int = 0  # signals in files that could not be written
+    last_error: str = ""
+    files: list[str] = field(default_factory=list)  # the last few files written
+
+
+@dataclass(frozen=True)
+class Record:
+    time_ns: int
+    request_id: str
+    signals: np.ndarray  # [n, L] float32
+    logits: np.ndarray  # [n, C] float32
+
+
+class InferenceLog:
+    """Samples requests of one model version and writes them to `location` (a folder or s3://bucket/prefix)."""
+
+    def __init__(self, location: str, model: str, version: int, class_names: list[str], sample_rate: float,
+                 queue_size: int = 1024, flush_seconds: float = 2.0, flush_rows: int = 4096, seed: int | None = None) -> None:
+        self.location = location.rstrip("/")
+        self.model, self.version, self.class_names = model, int(version), list(class_names)
+        self.sample_rate = min(max(float(sample_rate), 0.0), 1.0)
+        self.flush_seconds, self.flush_rows = float(flush_seconds), int(flush_rows)
+        self.stats = LogStats()
+        self._queue: queue.Queue[Record | None] = queue.Queue(maxsize=max(1, int(queue_size)))
+        self._random = random.Random(seed)
+        self._s3 = None
+        self._thread = threading.Thread(target=self._run, name="cwtops-inference-log", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ request path
+
+    def offer(self, request_id: str, signals: np.ndarray, logits: np.ndarray) -> bool:
+        """Record one answered request with probability `sample_rate`; never blocks, never raises."""
+        try:
+            self.stats.offered += 1
+            if self.sample_rate <= 0.0 or self._random.random() >= self.sample_rate:
+                return False
+            record = Record(time.time_ns(), request_id or "", np.array(signals, np.float32, copy=True).reshape(len(signals), -1),
+                            np.array(logits, np.float32, copy=True).reshape(len(logits), -1))
+            self._queue.put_nowait(record)
+            self.stats.sampled += 1
+            return True
+        except queue.Full:
+            self.stats.dropped += len(signals)
+            return False
+        except Exception as error:  # noqa: BLE001 - the request is answered whatever happens here
+            self.stats.last_error = f"{type(error).__name__}: {error}"
+            return False
+
+    # ------------------------------------------------------------------ writer thread
+
+    def _run(self) -> None:
+        pending: list[Record] = []
+        deadline = time.monotonic() + self.flush_seconds
+        while True:
+            try:
+                record = self._queue.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                record = False  # time to flush
+            if record is None:  # close()
+                self._flush(pending)
+                return
+            if record is not False:
+                pending.append(record)
+            rows = sum(len(r.signals) for r in pending)
+            if pending and (record is False or rows >= self.flush_rows):
+                self._flush(pending)
+                pending = []
+            if record is False or not pending:
+                deadline = time.monotonic() + self.flush_seconds
+
+    def _flush(self, records: list[Record]) -> None:
+        if not records:
+            return
+        rows = sum(len(r.signals) for r in records)
+        try:
+            key = self._write(self._table(records), records[0].time_ns)
+            self.stats.written += rows
+            self.stats.files = [*self.stats.files[-9:], key]
+        except Exception as error:  # noqa: BLE001 - a full disk or an unreachable store loses these rows only
+            self.stats.failed += rows
+            self.stats.last_error = f"{type(error).__name__}: {error}"[:500]
+            log.warning("inference log: %d signals not written to %s: %s", rows, self.location, self.stats.last_error)
+
+    def _table(self, records: list[Record]):  # noqa: ANN202 - a pyarrow.Table
+        import pyarrow as pa
+
+        times, ids, index, signals, logits = [], [], [], [], []
+        for record in records:
+            for row in range(len(record.signals)):
+                times.append(record.time_ns // 1000)
+                ids.append(record.request_id)
+                index.append(row)
+            signals.extend(record.signals)
+            logits.extend(record.logits)
+        predicted = [int(np.argmax(row)) for row in logits]
+        names = [self.class_names[i] if i < len(self.class_names) else str(i) for i in predicted]
+        return pa.table({
+            "time": pa.array(times, pa.timestamp("us", tz="UTC")),
+            "request_id": pa.array(ids, pa.string()),
+            "row": pa.array(index, pa.int32()),
+            "signal": pa.array([s.tolist() for s in signals], pa.list_(pa.float32())),
+            "logits": pa.array([x.tolist() for x in logits], pa.list_(pa.float32())),
+            "predicted": pa.array(names, pa.string()),
+        }, metadata={"cwtops_inference_log": str(SCHEMA_VERSION), "class_names": ",".join(self.class_names)})
+
+    def _write(self, table, first_ns: int) -> str:  # noqa: ANN001 - a pyarrow.Table
+        import pyarrow.parquet as pq
+
+        day = datetime.fromtimestamp(first_ns / 1e9, UTC).strftime("%Y-%m-%d")
+        name = f"part-{first_ns}-{uuid.uuid4().hex[:8]}.parquet"
+        relative = f"model={self.model}/version={self.version}/date={day}/{name}"
+        if self.location.startswith("s3://"):
+            buffer = io.BytesIO()
+            pq.write_table(table, buffer, compression="zstd")
+            bucket, _, prefix = self.location.removeprefix("s3://").partition("/")
+            key = f"{prefix.strip('/')}/{relative}".lstrip("/")
+            self._s3_client().put_object(Bucket=bucket, Key=key, Body=buffer.getvalue())
+            return f"s3://{bucket}/{key}"
+        path = os.path.join(self.location, relative)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = os.path.join(os.path.dirname(path), f".{name}.tmp")
+        try:
+            pq.write_table(table, tmp, compression="zstd")
+            os.replace(tmp, path)  # readers never see half a file
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    def _s3_client(self):  # noqa: ANN202 - a boto3 client
+        if self._s3 is None:
+            import boto3
+            from botocore.config import Config
+
+            endpoint = next((os.environ[v] for v in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
+                             if os.environ.get(v)), None)
+            config = Config(connect_timeout=2, read_timeout=10, retries={"max_attempts": 2},
+                            s3={"addressing_style": "path"} if endpoint else {})
+            self._s3 = boto3.client("s3", endpoint_url=endpoint, config=config)
+        return self._s3
+
+    # ------------------------------------------------------------------ shutdown
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued (within `timeout`) and stop the writer."""
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            return
+        self._thread.join(timeout)
