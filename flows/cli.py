@@ -84,7 +84,7 @@ def serve(
 
 def bench(
     quick: bool = typer.Option(False, "--quick", help="fewer repeats and smaller inputs"),
-    only: list[str] = typer.Option(None, "--only", help="frontend, parser, onnx, train, serving, mlflow, flow, variants, ucr (repeat it)"),
+    only: list[str] = typer.Option(None, "--only", help="frontend, parser, onnx, train, serving, monitoring, mlflow, flow, variants, ucr (repeat it)"),
 ) -> None:
     """Run the benchmarks: one table each, ratios against their targets, JSON under bench/results/."""
     if not (CHECKOUT / "bench" / "suite.py").exists():

@@ -264,3 +264,29 @@ def test_the_log_is_written_off_the_request_path(tmp_path: Path) -> None:
     gate.set()
     log.close()
     assert log.stats.written == 50
+
+
+def test_the_log_writes_where_ssl_cannot_be_imported(tmp_path: Path) -> None:
+    """The local Triton's backend stub cannot load this interpreter's `_ssl` (it was built against
+    another patch release of Python); pyarrow.parquet imports it only for its cloud clients."""
+    import subprocess
+
+    code = f"""
+import sys, importlib.util
+import numpy as np
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name in ("ssl", "_ssl"):
+            raise ImportError("undefined symbol: _PyModule_Add")
+sys.meta_path.insert(0, Block())
+spec = importlib.util.spec_from_file_location("log", {str(ROOT / "cwtops/serving/backend/inference_log.py")!r})
+module = importlib.util.module_from_spec(spec); sys.modules["log"] = module; spec.loader.exec_module(module)
+log = module.InferenceLog({str(tmp_path)!r}, "m", 1, ["a"], 1.0, flush_seconds=0.05)
+log.offer("r", np.zeros((1, 1, 8), np.float32), np.zeros((1, 1), np.float32))
+log.close()
+assert log.stats.written == 1, log.stats
+assert "ssl" not in sys.modules  # the stand-in is gone: a later `import ssl` fails as before
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert len(read_log(str(tmp_path), "m")) == 1

@@ -201,7 +201,7 @@ def test_shadow_agreement_equals_an_offline_computation(in_project: Path, params
 
     from cwtops.monitoring.logs import read_log, wait_for_rows
     from cwtops.monitoring.shadow import compare, shadow_pass
-    from cwtops.registry.versions import CHALLENGER_ALIAS, download_version, promote, version_tags_of
+    from cwtops.registry.versions import CHALLENGER_ALIAS, download_version, promote, remove_alias, version_tags_of
     from cwtops.serving.client import infer
     from cwtops.serving.rollout import reconcile
 
@@ -237,6 +237,8 @@ def test_shadow_agreement_equals_an_offline_computation(in_project: Path, params
     report = run([str(BIN / "cwtops"), "shadow", "report"], in_project, services_env).stdout
     assert any(line.split()[0] == str(challenger) for line in report.splitlines()[1:]), report
     assert shadow_pass(loop, triton_server).action == "no_traffic"  # each logged signal is scored once
+    remove_alias(params, CHALLENGER_ALIAS)
+    assert reconcile(params).challenger["action"] == "retired"
 
 
 # ---------------------------------------------------------------- feedback

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from cwtops.core.config import Params
 from cwtops.core.errors import CwtopsError
-from cwtops.monitoring.features import signal_features
 from cwtops.monitoring.features import psi as population_stability
+from cwtops.monitoring.features import signal_features
 from cwtops.monitoring.logs import Watermark, read_log
 from cwtops.monitoring.shadow import settle_cutoff
 from cwtops.services.processes import state_dir
@@ -97,7 +97,6 @@ def _log(params: Params, version: int, signals: int, scores: dict[str, float], d
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from mlflow.entities import Metric, Param
 
     from cwtops.registry.versions import registry_client, set_version_tags

@@ -35,6 +35,34 @@ log = logging.getLogger("cwtops.inference_log")
 SCHEMA_VERSION = 1
 
 
+def import_parquet():  # noqa: ANN201 - the pyarrow.parquet module
+    """pyarrow.parquet, also where `ssl` cannot be imported.
+
+    Importing pyarrow.parquet imports pyarrow.fs, which asks `ssl` once for the CA paths of
+    pyarrow's own cloud clients. A Triton backend stub built against another patch release of
+    Python cannot load the interpreter's `_ssl` extension (undefined symbol), so that import would
+    fail; the log never uses pyarrow's cloud clients. A stand-in answers that one question during
+    the import and is removed right after, so a later `import ssl` fails as it would have."""
+    import sys
+    import types
+
+    try:
+        import ssl  # noqa: F401 - only whether it loads
+    except ImportError:
+        if "pyarrow.parquet" not in sys.modules:
+            stand_in = types.ModuleType("ssl")
+            stand_in.get_default_verify_paths = lambda: types.SimpleNamespace(cafile=None, capath=None)
+            sys.modules["ssl"] = stand_in
+            try:
+                import pyarrow.parquet  # noqa: F401
+            finally:
+                if sys.modules.get("ssl") is stand_in:
+                    del sys.modules["ssl"]
+    import pyarrow.parquet as pq
+
+    return pq
+
+
 @dataclass
 class LogStats:
     offered: int = 0
@@ -126,6 +154,7 @@ class InferenceLog:
             log.warning("inference log: %d signals not written to %s: %s", rows, self.location, self.stats.last_error)
 
     def _table(self, records: list[Record]):  # noqa: ANN202 - a pyarrow.Table
+        import_parquet()
         import pyarrow as pa
 
         times, ids, index, signals, logits = [], [], [], [], []
@@ -148,7 +177,7 @@ class InferenceLog:
         }, metadata={"cwtops_inference_log": str(SCHEMA_VERSION), "class_names": ",".join(self.class_names)})
 
     def _write(self, table, first_ns: int) -> str:  # noqa: ANN001 - a pyarrow.Table
-        import pyarrow.parquet as pq
+        pq = import_parquet()
 
         day = datetime.fromtimestamp(first_ns / 1e9, UTC).strftime("%Y-%m-%d")
         name = f"part-{first_ns}-{uuid.uuid4().hex[:8]}.parquet"
