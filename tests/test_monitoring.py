@@ -82,6 +82,20 @@ def test_log_writes_sampled_requests_that_read_back_exactly(tmp_path: Path) -> N
     assert not list(tmp_path.rglob(".*.tmp"))  # no half-written file left behind
 
 
+def test_cwtops_own_checks_are_not_logged(tmp_path: Path) -> None:
+    from cwtops.serving.client import request_ids
+    from cwtops.serving.publish import CHECK_REQUEST_ID
+
+    module = inference_log_module()
+    assert module.CHECK_PREFIX == CHECK_REQUEST_ID
+    log = module.InferenceLog(str(tmp_path), "m", 1, ["a"], sample_rate=1.0)
+    for request_id, _ in request_ids(CHECK_REQUEST_ID, 130, 64):  # the publish-time check, in chunks
+        assert not log.offer(request_id, np.zeros((1, 1, 8), np.float32), np.zeros((1, 1), np.float32))
+    assert log.offer("traffic", np.zeros((1, 1, 8), np.float32), np.zeros((1, 1), np.float32))
+    log.close()
+    assert log.stats.written == 1
+
+
 def test_sample_rate_logs_about_that_share(tmp_path: Path) -> None:
     module = inference_log_module()
     log = module.InferenceLog(str(tmp_path), "m", 1, ["a"], sample_rate=0.1, seed=7)

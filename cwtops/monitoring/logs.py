@@ -10,6 +10,7 @@ system, with the endpoint and credentials from the environment (docs/s3.md). Fil
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -47,10 +48,13 @@ def _filesystem(location: str):  # noqa: ANN202 - (pyarrow FileSystem, root path
     from cwtops.core.s3 import endpoint_url
 
     endpoint = endpoint_url()
-    options = {}
+    options: dict = {}
     if endpoint:
         parsed = urlparse(endpoint)
         options = {"endpoint_override": parsed.netloc, "scheme": parsed.scheme or "https"}
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        options["region"] = region
     return fs.S3FileSystem(**options), location.removeprefix("s3://").rstrip("/")
 
 

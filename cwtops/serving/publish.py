@@ -42,6 +42,7 @@ from cwtops.services.processes import state_dir
 from cwtops.serving.client import INPUT_NAME, OUTPUT_NAME, admin_headers, connect, infer, triton_errors
 from cwtops.serving.server import STAGING_SUFFIX
 
+CHECK_REQUEST_ID = "cwtops-check"  # the backend's inference log skips requests with ids starting so
 SAFE_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 LABELS_FILE = "labels.txt"
 _TRITON_TYPES = {
@@ -466,7 +467,9 @@ def _load(url: str, name: str, ready: list[int], timeout: float) -> None:
 def _served_parity(url: str, name: str, version: int, reference: tuple[np.ndarray, np.ndarray], params: Params) -> float:
     """Reference inputs through Triton (this version explicitly) against the recorded outputs."""
     inputs, expected = reference
-    served = infer(url, name, inputs, version=version, max_batch=params.triton.max_batch_size).astype(np.float64)
+    # the check's own request id keeps it out of the inference log: it is not traffic
+    served = infer(url, name, inputs, version=version, max_batch=params.triton.max_batch_size,
+                   request_id=CHECK_REQUEST_ID).astype(np.float64)
     expected = expected.astype(np.float64)
     error = np.abs(served - expected)
     within = bool((error <= params.parity.atol + params.parity.rtol * np.abs(expected)).all())

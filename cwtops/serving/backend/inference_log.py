@@ -13,12 +13,11 @@ rows of that file, counted in `stats`; requests are answered as before. When the
 (the writer is behind), new samples are dropped and counted instead of waited for.
 
 This file is installed next to the backend's model.py and imports only the standard library,
-NumPy and pyarrow (boto3 for S3), so it runs in any Triton Python-backend environment.
+NumPy and pyarrow (its own S3 client too), so it runs in any Triton Python-backend environment.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import queue
@@ -33,6 +32,9 @@ import numpy as np
 
 log = logging.getLogger("cwtops.inference_log")
 SCHEMA_VERSION = 1
+# Requests whose id starts with this are cwtops's own checks (the served-parity check at publication),
+# not traffic: never logged.
+CHECK_PREFIX = "cwtops-check"
 
 
 def import_parquet():  # noqa: ANN201 - the pyarrow.parquet module
@@ -104,7 +106,7 @@ class InferenceLog:
         """Record one answered request with probability `sample_rate`; never blocks, never raises."""
         try:
             self.stats.offered += 1
-            if self.sample_rate <= 0.0 or self._random.random() >= self.sample_rate:
+            if request_id.startswith(CHECK_PREFIX) or self.sample_rate <= 0.0 or self._random.random() >= self.sample_rate:
                 return False
             record = Record(time.time_ns(), request_id or "", np.array(signals, np.float32, copy=True).reshape(len(signals), -1),
                             np.array(logits, np.float32, copy=True).reshape(len(logits), -1))
@@ -183,11 +185,11 @@ class InferenceLog:
         name = f"part-{first_ns}-{uuid.uuid4().hex[:8]}.parquet"
         relative = f"model={self.model}/version={self.version}/date={day}/{name}"
         if self.location.startswith("s3://"):
-            buffer = io.BytesIO()
-            pq.write_table(table, buffer, compression="zstd")
             bucket, _, prefix = self.location.removeprefix("s3://").partition("/")
             key = f"{prefix.strip('/')}/{relative}".lstrip("/")
-            self._s3_client().put_object(Bucket=bucket, Key=key, Body=buffer.getvalue())
+            # S3 has no partial objects: the upload completes on close, or nothing is there
+            with self._s3_filesystem().open_output_stream(f"{bucket}/{key}") as stream:
+                pq.write_table(table, stream, compression="zstd")
             return f"s3://{bucket}/{key}"
         path = os.path.join(self.location, relative)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -200,16 +202,25 @@ class InferenceLog:
                 os.unlink(tmp)
         return path
 
-    def _s3_client(self):  # noqa: ANN202 - a boto3 client
+    def _s3_filesystem(self):  # noqa: ANN202 - a pyarrow S3FileSystem
+        """pyarrow's S3 client (boto3 needs `ssl`, which a backend stub may not load): endpoint,
+        region and credentials from the environment, short timeouts, two attempts."""
         if self._s3 is None:
-            import boto3
-            from botocore.config import Config
+            from urllib.parse import urlparse
+
+            from pyarrow import fs
 
             endpoint = next((os.environ[v] for v in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
                              if os.environ.get(v)), None)
-            config = Config(connect_timeout=2, read_timeout=10, retries={"max_attempts": 2},
-                            s3={"addressing_style": "path"} if endpoint else {})
-            self._s3 = boto3.client("s3", endpoint_url=endpoint, config=config)
+            options: dict = {}
+            if endpoint:
+                parsed = urlparse(endpoint)
+                options = {"endpoint_override": parsed.netloc, "scheme": parsed.scheme or "https"}
+            region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+            if region:
+                options["region"] = region
+            self._s3 = fs.S3FileSystem(connect_timeout=2, request_timeout=10,
+                                       retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=2), **options)
         return self._s3
 
     # ------------------------------------------------------------------ shutdown
