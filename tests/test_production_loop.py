@@ -45,6 +45,15 @@ def republish(params, version: int) -> None:  # noqa: ANN001
         publish_version(files.onnx, version, params, reference=files.reference)
 
 
+def serving(params) -> int:  # noqa: ANN001
+    """Converge (a test may run first, before anything is served) and return production's version."""
+    from cwtops.serving.rollout import reconcile
+
+    outcome = reconcile(params)
+    assert outcome.served is not None, outcome
+    return outcome.served
+
+
 def held_out(project: Path) -> tuple[np.ndarray, np.ndarray]:
     """The test split's signals and labels."""
     from cwtops.core.config import load_params
@@ -167,9 +176,8 @@ def test_challenger_alias_set_and_removed_reaches_triton_within_15_seconds(harne
 def test_a_failing_inference_log_never_fails_a_request(in_project: Path, params, triton_server: str, tmp_path: Path) -> None:
     from cwtops.monitoring.logs import wait_for_rows
     from cwtops.serving.client import infer
-    from cwtops.serving.publish import served_version
 
-    version = served_version(params)
+    version = serving(params)
     signals = np.load(in_project / "artifacts/parity/reference.npz")["inputs"][:16]
     expected = infer(triton_server, params.base.model_name, signals)
     (tmp_path / "blocked").write_text("")  # the log folder cannot be made: a file is in the way
@@ -248,9 +256,8 @@ def test_feedback_gives_live_accuracy_per_version(in_project: Path, params, trit
                                                   tmp_path: Path) -> None:
     from cwtops.registry.versions import version_tags_of
     from cwtops.serving.client import class_names, infer
-    from cwtops.serving.publish import served_version
 
-    version = served_version(params)
+    version = serving(params)
     loop, loop_file = logging_params(in_project, tmp_path)
     republish(loop, version)
     try:
@@ -318,10 +325,9 @@ def test_a_shift_is_detected_in_the_first_pass_and_its_event_starts_retraining(i
                                                                                triton_server: str, services_env: dict,
                                                                                tmp_path: Path) -> None:
     from cwtops.serving.client import class_names, infer
-    from cwtops.serving.publish import served_version
     from tests.conftest import free_port
 
-    version = served_version(params)
+    version = serving(params)
     loop, loop_file = logging_params(in_project, tmp_path, min_signals=100)
     signals, labels = held_out(in_project)
     rng = np.random.default_rng(0)
