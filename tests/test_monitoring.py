@@ -55,6 +55,14 @@ def test_psi_is_small_for_the_same_source_and_large_for_a_shift() -> None:
     assert max(noisy.values()) > 1.0, noisy
 
 
+def test_small_training_sets_get_fewer_bins_so_the_same_source_is_not_drift() -> None:
+    small = build_reference(signal_features(chirps(30, seed=1)))
+    assert all(len(entry["expected"]) <= 2 for entry in small["features"].values())
+    scores = [max(psi(small, signal_features(chirps(200, seed=seed))).values()) for seed in range(2, 12)]
+    assert max(scores) < 0.25, scores
+    assert max(psi(small, signal_features(chirps(200, shift=2.0, seed=20))).values()) > 0.25
+
+
 def test_a_file_that_is_not_a_reference_is_refused() -> None:
     with pytest.raises(ValueError, match="not a drift reference"):
         psi({"features": {}}, np.zeros((1, len(FEATURES))))

@@ -21,6 +21,10 @@ import numpy as np
 
 BANDS = 8
 BINS = 10
+# Deciles of a small training set are noisy themselves: PSI between two samples of one source grows
+# like (bins - 1) * (1/n_train + 1/n_logged). With at least this many training signals per bin, a
+# same-source PSI stays well under the default threshold (0.25); small sets get fewer, wider bins.
+SIGNALS_PER_BIN = 25
 REFERENCE_FORMAT = "cwtops-drift-reference/1"
 FEATURES = ("mean", "std", "skewness", "kurtosis", "min", "max", "zero_crossings", *(f"band_{i}" for i in range(BANDS)))
 _FLOOR = 1e-4  # a bin no signal fell in counts as this share (PSI is infinite otherwise)
@@ -58,9 +62,10 @@ def _assign(values: np.ndarray, inner_edges: np.ndarray) -> np.ndarray:
     return np.searchsorted(inner_edges, values, side="right")
 
 
-def build_reference(features: np.ndarray, bins: int = BINS) -> dict:
-    """Decile edges and bin shares per feature, from the training signals' features."""
+def build_reference(features: np.ndarray, bins: int | None = None) -> dict:
+    """Quantile edges (deciles, fewer for small sets) and bin shares per feature, from the training signals' features."""
     features = np.asarray(features, dtype=np.float64)
+    bins = bins or max(2, min(BINS, len(features) // SIGNALS_PER_BIN))
     reference = {"format": REFERENCE_FORMAT, "signals": int(len(features)), "features": {}}
     for column, name in enumerate(FEATURES):
         values = features[:, column]
