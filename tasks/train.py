@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from cwtops.core.artifacts import atomic_path, sha256_file, write_json
 from cwtops.core.config import BaseConfig, TrainConfig
-from cwtops.core.derived import WIDE_CHANNELS, WIDE_HIDDEN, TrainSettings, train_settings
+from cwtops.core.derived import WIDE_CHANNELS, WIDE_HIDDEN, TrainSettings, resolve_raw_channel, train_settings
 from cwtops.core.errors import CwtopsError
 from cwtops.core.paths import ArtifactPaths, artifact_paths
 from cwtops.data.signals import SignalReader, load_signals, read_manifest
@@ -391,7 +391,7 @@ def _write_history(path: Path, history: list[dict]) -> None:
 
 def model_args(cfg: TrainConfig, magnitude: str, n_filters: int, kernel_size: int, n_classes: int, signal_length: int,
                hop: int, members: int = 1, channels: tuple[int, int, int, int] = WIDE_CHANNELS,
-               hidden: int = WIDE_HIDDEN) -> ModelArgs:
+               hidden: int = WIDE_HIDDEN, raw_channel: bool = False) -> ModelArgs:
     """The head's shape: params.yaml's settings with the resolved (`auto`) values passed in."""
     return ModelArgs(
         n_filters=n_filters,
@@ -406,14 +406,14 @@ def model_args(cfg: TrainConfig, magnitude: str, n_filters: int, kernel_size: in
         stem=cfg.stem,
         head=cfg.head,
         members=members,
-        raw_channel=cfg.raw_channel and cfg.head == "1d",
+        raw_channel=raw_channel and cfg.head == "1d",
     )
 
 
 def _build(cfg: TrainConfig, seed: int, front: FrontEnd, matrix: torch.Tensor, n_classes: int, signal_length: int,
            settings: TrainSettings, device: torch.device) -> HybridCWTNet:
     args = model_args(cfg, front.magnitude, matrix.shape[0], matrix.shape[1], n_classes, signal_length, settings.hop,
-                      settings.members, settings.channels, settings.hidden)
+                      settings.members, settings.channels, settings.hidden, settings.raw_channel)
     torch.manual_seed(seed)
     return training_layout(HybridCWTNet(args, matrix).to(device))
 
@@ -431,9 +431,11 @@ def resolve_settings(cfg: TrainConfig, front: FrontEnd, manifest: pd.DataFrame, 
     n_train = int((manifest.split == "train").sum())
     has_val = bool((manifest.split == "val").any())
 
+    raw_channel = resolve_raw_channel(cfg.raw_channel, n_train)
+
     def forward_flops(hop: int, channels: tuple[int, int, int, int], hidden: int) -> float:
         flops = head_flops(model_args(cfg, front.magnitude, *bank_shape, n_classes, signal_length, hop, channels=channels,
-                                      hidden=hidden))
+                                      hidden=hidden, raw_channel=raw_channel))
         return float(sum(value for layer, value in flops.items() if layer != "frontend"))
 
     def input_bytes(hop: int) -> int:  # every train and val scalogram as float32, in this process
@@ -442,7 +444,8 @@ def resolve_settings(cfg: TrainConfig, front: FrontEnd, manifest: pd.DataFrame, 
 
     members = cfg.members if cfg.head == "1d" else 1  # the 2-D head trains alone
     settings = train_settings(front.hop, cfg.epochs, cfg.batch_size, cfg.patience, signal_length, n_train, has_val,
-                              forward_flops, members, cfg.input, input_bytes, cfg.max_steps, cfg.channels, cfg.hidden)
+                              forward_flops, members, cfg.input, input_bytes, cfg.max_steps, cfg.channels, cfg.hidden,
+                              cfg.raw_channel if cfg.head == "1d" else False)
     return replace(settings, derived=("parse.hop", *settings.derived)) if front.hop_derived else settings
 
 

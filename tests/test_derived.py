@@ -119,6 +119,13 @@ def test_small_training_sets_get_the_narrow_head_and_explicit_widths_win() -> No
     fixed = derived.train_settings("auto", "auto", "auto", "auto", signal_length=300, n_train=50,
                                    channels=(8, 8, 16, 16), hidden=12)
     assert (fixed.channels, fixed.hidden) == ((8, 8, 16, 16), 12) and "train.channels" not in fixed.derived
+    # the raw channel joins the narrow head on small sets; explicit values win
+    assert small.raw_channel is False and large.raw_channel is False  # the default argument: off
+    raw_small = derived.train_settings("auto", "auto", "auto", "auto", signal_length=300, n_train=derived.SMALL_SET, raw_channel="auto")
+    raw_large = derived.train_settings("auto", "auto", "auto", "auto", signal_length=300, n_train=derived.SMALL_SET + 1, raw_channel="auto")
+    assert raw_small.raw_channel and not raw_large.raw_channel and "train.raw_channel" in raw_small.derived
+    assert not derived.train_settings(1, 5, 8, 5, 300, 50, raw_channel=False).raw_channel
+    assert derived.train_settings(1, 5, 8, 5, 300, 5000, raw_channel=True).raw_channel
     # the narrow head costs less, so the same budget trains more ensemble members
     flops = {derived.NARROW_CHANNELS: 2e6, derived.WIDE_CHANNELS: 8e6}
     narrow = derived.train_settings("auto", "auto", "auto", "auto", signal_length=300, n_train=100, members="auto",

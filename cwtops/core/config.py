@@ -81,7 +81,8 @@ class TrainConfig(Section):
     members: Annotated[int, Field(ge=1, le=16)] | Auto = "auto"
     # conv1..conv4 widths and fc1's; auto: narrower heads for small training sets (cwtops/core/derived.py)
     channels: tuple[int, int, int, int] | Auto = "auto"
-    raw_channel: bool = False  # 1d head: the standardised signal as one more input channel beside the scales
+    # 1d head: the standardised signal as one more input channel beside the scales; auto: for small training sets
+    raw_channel: bool | Auto = False
     hidden: Annotated[int, Field(ge=1)] | Auto = "auto"
     dropout: float = Field(0.1, ge=0, lt=1)
     stem: Literal["pool", "strided"] = "strided"  # 2d head: a stride-2 conv1, or conv1 + 2x2 max-pool (4x the cost)

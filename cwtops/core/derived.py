@@ -52,6 +52,11 @@ MEMORY_INPUT_BYTES = 1 << 30
 # Lightning7, Herring and ACSF1 (70, 64 and 100 training signals) and lost 3 on OSULeaf (200),
 # so it is the default up to SMALL_SET signals (BENCHMARKS.md, what was tried).
 SMALL_SET = 150  # training signals, at most
+# `train.raw_channel: auto` puts the raw channel (the standardised signal beside the scales'
+# magnitudes, which lose its sign and phase) where the narrow head is. Measured on the 11
+# development sets up to SMALL_SET signals it moved the mean by +0.4 points, from gains on small test
+# sets (ArrowHead +5.7, Lightning7 +5.5, ACSF1 +4.0) and losses on large ones (FreezerSmallTrain
+# -3.3 on 2,850 test signals, Mallat -1.0); it is an option, not the default (BENCHMARKS.md).
 WIDE_CHANNELS, WIDE_HIDDEN = (64, 64, 128, 128), 128
 NARROW_CHANNELS, NARROW_HIDDEN = (32, 32, 64, 64), 64
 
@@ -90,6 +95,15 @@ def auto_width(n_train: int) -> tuple[tuple[int, int, int, int], int]:
     return (NARROW_CHANNELS, NARROW_HIDDEN) if n_train <= SMALL_SET else (WIDE_CHANNELS, WIDE_HIDDEN)
 
 
+def auto_raw_channel(n_train: int) -> bool:
+    """`auto`: the raw channel on for small training sets (with the narrow head), off above SMALL_SET."""
+    return n_train <= SMALL_SET
+
+
+def resolve_raw_channel(value: bool | str, n_train: int) -> bool:
+    return auto_raw_channel(n_train) if value == AUTO else bool(value)
+
+
 def auto_val_fraction(class_counts: dict[str, int]) -> float:
     """0 (no carve-out) unless the smallest class has VAL_MIN_PER_CLASS signals to split."""
     return VAL_FRACTION if class_counts and min(class_counts.values()) >= VAL_MIN_PER_CLASS else 0.0
@@ -112,6 +126,7 @@ class TrainSettings:
     max_steps: int | None = None  # optimizer steps in all, when capped (train.max_steps)
     channels: tuple[int, int, int, int] = WIDE_CHANNELS  # conv1..conv4 widths
     hidden: int = WIDE_HIDDEN  # fc1 width
+    raw_channel: bool = False  # the standardised signal as one more input channel (1-D head)
 
     def summary(self) -> dict:
         values = asdict(self)
@@ -136,7 +151,7 @@ def train_settings(hop: int | str, epochs: int | str, batch_size: int | str, pat
                    forward_flops: Callable[..., float] = lambda hop, channels, hidden: 1e7, members: int | str = 1,
                    input_mode: str = "memory", input_bytes: Callable[[int], int] = lambda hop: 0,
                    max_steps: int | None = None, channels: tuple[int, int, int, int] | str = WIDE_CHANNELS,
-                   hidden: int | str = WIDE_HIDDEN) -> TrainSettings:
+                   hidden: int | str = WIDE_HIDDEN, raw_channel: bool | str = False) -> TrainSettings:
     """Resolve every `auto` among the train stage's settings from the data's shape.
 
     `forward_flops(hop, channels, hidden)` is one head's forward cost per signal (`head_flops`);
@@ -149,6 +164,9 @@ def train_settings(hop: int | str, epochs: int | str, batch_size: int | str, pat
         derived.append("train.channels")
     resolved_channels = width_channels if channels == AUTO else tuple(channels)
     resolved_hidden = resolve(hidden, lambda: width_hidden, "train.hidden", derived)
+    if raw_channel == AUTO:
+        derived.append("train.raw_channel")
+    resolved_raw = resolve_raw_channel(raw_channel, n_train)
     flops = forward_flops(resolved_hop, resolved_channels, resolved_hidden)
     resolved_batch = resolve(batch_size, lambda: auto_batch_size(n_train), "train.batch_size", derived)
     resolved_members = resolve(members, lambda: auto_members(n_train, flops, resolved_batch), "train.members", derived)
@@ -162,4 +180,4 @@ def train_settings(hop: int | str, epochs: int | str, batch_size: int | str, pat
         resolved_input = "memory" if input_bytes(resolved_hop) <= MEMORY_INPUT_BYTES else "stream"
     return TrainSettings(signal_length, n_train, int(flops), resolved_hop, resolved_members, resolved_epochs,
                          resolved_batch, resolved_patience, tuple(derived), resolved_input, max_steps,
-                         resolved_channels, resolved_hidden)
+                         resolved_channels, resolved_hidden, resolved_raw)
