@@ -21,14 +21,23 @@ from tests.conftest import BIN, new_version, run, webhook_receiver
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def _remove_loop_params(built_project: Path):  # noqa: ANN202
+    """The params files the tests write into the project go when each test ends."""
+    yield
+    for path in built_project.glob("params-loop-*.yaml"):
+        path.unlink()
+
+
 def logging_params(project: Path, tmp_path: Path, **monitoring: object):  # noqa: ANN201 - Params
-    """The project's params with the inference log on (every request) in a folder of this test's own."""
+    """The project's params with the inference log on (every request) in a folder of this test's own.
+    The file sits in the project (flows run DVC where their params file is); the test removes it."""
     from cwtops.core.config import load_params
 
     raw = yaml.safe_load((project / "params.yaml").read_text())
     raw["monitoring"].update({"inference_log": str(tmp_path / "inference_log"), "sample_rate": 1.0, "flush_seconds": 0.5,
                               **monitoring})
-    path = tmp_path / "params-loop.yaml"
+    path = project / f"params-loop-{tmp_path.name}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return load_params(path), path
 
@@ -129,15 +138,15 @@ def register_shifted_version(params, shift: float = 3.0) -> int:  # noqa: ANN001
 
 
 def wait_for(condition, timeout: float, what: str) -> float:  # noqa: ANN001
-    started = time.monotonic()
+    started, last = time.monotonic(), None
     while time.monotonic() - started < timeout:
         try:
             if condition():
                 return time.monotonic() - started
-        except Exception:  # noqa: BLE001 - a server in the middle of a change
-            pass
+        except Exception as error:  # noqa: BLE001 - a server in the middle of a change
+            last = error
         time.sleep(0.2)
-    raise AssertionError(f"{what} not within {timeout} s")
+    raise AssertionError(f"{what} not within {timeout} s" + (f" (last error: {type(last).__name__}: {last})" if last else ""))
 
 
 # ---------------------------------------------------------------- challenger
