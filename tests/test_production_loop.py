@@ -393,17 +393,22 @@ def test_a_shift_is_detected_in_the_first_pass_and_its_event_starts_retraining(i
             # one event: the shifted pass's (the first pass, on the training source, sent none)
             assert len(events) == 1 and events[0]["payload"]["worst_psi"] > loop.monitoring.drift_threshold, events
             occurred = _seconds(events[0]["occurred"])
-            started = {}
+            started, seen = {}, {}
 
             def retraining_started() -> bool:
-                runs = [r for r in _flow_runs(api, ids["nightly"]) if r["start_time"]]
-                if len(runs) > retrains_before:
-                    started["at"] = min(_seconds(r["start_time"]) for r in runs if _seconds(r["start_time"]) >= occurred - 1)
-                    started["id"] = next(r["id"] for r in runs if _seconds(r["start_time"]) >= occurred - 1)
+                runs = _flow_runs(api, ids["nightly"])
+                seen["runs"] = [(r["name"], r["state"]["type"], r["start_time"]) for r in runs]
+                after = [r for r in runs if r["start_time"] and _seconds(r["start_time"]) >= occurred - 1]
+                if len(runs) > retrains_before and after:
+                    first = min(after, key=lambda r: _seconds(r["start_time"]))
+                    started.update(at=_seconds(first["start_time"]), id=first["id"])
                     return True
                 return False
 
-            wait_for(retraining_started, 60, "retraining flow run started")
+            try:
+                wait_for(retraining_started, 60, "retraining flow run started")
+            except AssertionError as error:
+                raise AssertionError(f"{error}; nightly runs before: {retrains_before}, now: {seen}, event at {occurred}") from None
             latency = started["at"] - occurred
             print(f"drift event -> retraining flow run started: {latency:.1f} s; accuracy {accuracy:.3f} -> {accuracy_shifted:.3f}")
             assert latency <= 30, latency
