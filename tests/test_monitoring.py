@@ -145,21 +145,13 @@ def backend_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: A
     """The serving backend in-process, with a stand-in for Triton's pb_utils and a tiny ONNX model
     (signal [B, 1, 64] -> logits [B, 3])."""
     import json
-    import types
 
     import onnx
     from onnx import TensorProto, helper
 
-    from tests.test_triton import _FakeError, _FakeResponse, _FakeTensor
+    from tests.test_triton import load_backend
 
-    fake = types.ModuleType("triton_python_backend_utils")
-    fake.Tensor, fake.InferenceResponse, fake.TritonError = _FakeTensor, _FakeResponse, _FakeError
-    fake.TritonModelException = RuntimeError
-    fake.get_input_tensor_by_name = lambda request, name: request.get(name)
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
-    spec = importlib.util.spec_from_file_location("cwtops_ort_backend", ROOT / "cwtops" / "serving" / "backend" / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_backend(monkeypatch)
     weights = helper.make_tensor("w", TensorProto.FLOAT, [64, 3], np.random.default_rng(0).standard_normal(64 * 3).tolist())
     graph = helper.make_graph(
         [helper.make_node("Flatten", ["signal"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["logits"])], "tiny",
@@ -288,9 +280,9 @@ def test_the_log_is_written_off_the_request_path(tmp_path: Path) -> None:
     assert log.stats.written == 50
 
 
-def test_the_log_writes_where_ssl_cannot_be_imported(tmp_path: Path) -> None:
-    """The local Triton's backend stub cannot load this interpreter's `_ssl` (it was built against
-    another patch release of Python); pyarrow.parquet imports it only for its cloud clients."""
+def run_without_ssl(body: str, timeout: float = 120) -> None:
+    """`body` in a fresh interpreter where `ssl` cannot be imported (as in the local Triton's backend
+    stub, built against another patch release of Python), with the log module loaded as `module`."""
     import subprocess
 
     code = f"""
@@ -303,12 +295,19 @@ class Block:
 sys.meta_path.insert(0, Block())
 spec = importlib.util.spec_from_file_location("log", {str(ROOT / "cwtops/serving/backend/inference_log.py")!r})
 module = importlib.util.module_from_spec(spec); sys.modules["log"] = module; spec.loader.exec_module(module)
+{body}
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_the_log_writes_where_ssl_cannot_be_imported(tmp_path: Path) -> None:
+    """pyarrow.parquet imports `ssl` only for its cloud clients; the log writes without it."""
+    run_without_ssl(f"""
 log = module.InferenceLog({str(tmp_path)!r}, "m", 1, ["a"], 1.0, flush_seconds=0.05)
 log.offer("r", np.zeros((1, 1, 8), np.float32), np.zeros((1, 1), np.float32))
 log.close()
 assert log.stats.written == 1, log.stats
 assert "ssl" not in sys.modules  # the stand-in is gone: a later `import ssl` fails as before
-"""
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+""")
     assert len(read_log(str(tmp_path), "m")) == 1

@@ -302,30 +302,17 @@ def test_inference_log_on_s3_written_where_ssl_cannot_load_and_read_back(moto: M
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """The serving backend's log (in a stub that cannot import `ssl`, as the local Triton's) lands
     on S3 whole, and the monitoring passes read it from there."""
-    import subprocess
-
     from cwtops.monitoring.logs import read_log
+    from tests.test_monitoring import run_without_ssl
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto.endpoint)
-    source = Path(__file__).resolve().parent.parent / "cwtops/serving/backend/inference_log.py"
-    code = f"""
-import sys, importlib.util
-import numpy as np
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name in ("ssl", "_ssl"):
-            raise ImportError("undefined symbol: _PyModule_Add")
-sys.meta_path.insert(0, Block())
-spec = importlib.util.spec_from_file_location("log", {str(source)!r})
-module = importlib.util.module_from_spec(spec); sys.modules["log"] = module; spec.loader.exec_module(module)
+    run_without_ssl(f"""
 log = module.InferenceLog("s3://{BUCKET}/inference", "m", 2, ["a", "b"], 1.0, flush_seconds=0.05)
 for i in range(3):
     log.offer(f"r{{i}}", np.full((1, 1, 16), i, np.float32), np.array([[0.0, 1.0]], np.float32))
 log.close(timeout=60)
 assert log.stats.written == 3 and log.stats.failed == 0, log.stats
-"""
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env={**os.environ})
-    assert done.returncode == 0, done.stderr[-3000:]
+""", timeout=180)
     assert all(key.endswith(".parquet") for key in moto.keys("inference/model=m/version=2/"))
     logged = read_log(f"s3://{BUCKET}/inference", "m")
     assert list(logged.frame.request_id) == ["r0", "r1", "r2"] and list(logged.frame.predicted) == ["b"] * 3

@@ -246,8 +246,8 @@ class _FakeError:
         self.message, self.code = message, code
 
 
-@pytest.fixture()
-def backend(models: Models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> object:
+def load_backend(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    """The serving backend's model.py, imported with a stand-in for Triton's pb_utils."""
     fake = types.ModuleType("triton_python_backend_utils")
     fake.Tensor, fake.InferenceResponse, fake.TritonError = _FakeTensor, _FakeResponse, _FakeError
     fake.TritonModelException = RuntimeError
@@ -256,6 +256,12 @@ def backend(models: Models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     spec = importlib.util.spec_from_file_location("cwtops_ort_backend", ROOT / "cwtops" / "serving" / "backend" / "model.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture()
+def backend(models: Models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> object:
+    module = load_backend(monkeypatch)
     (tmp_path / MODEL / "1").mkdir(parents=True)
     (tmp_path / MODEL / "1" / "model.onnx").write_bytes(models.a.read_bytes())
     config = {"name": MODEL, "max_batch_size": 64, "input": [{"name": "signal", "data_type": "TYPE_FP32", "dims": ["1", str(LENGTH)]}],
