@@ -87,6 +87,8 @@ def test_log_writes_sampled_requests_that_read_back_exactly(tmp_path: Path) -> N
     np.testing.assert_array_equal(logged.logits, logits.reshape(8, 2))
     assert list(logged.frame.predicted) == [["a", "b"][i] for i in logits.reshape(8, 2).argmax(1)]
     assert len(read_log(str(tmp_path), "m", version=4)) == 0 and len(read_log(str(tmp_path), "other")) == 0
+    table_only = read_log(str(tmp_path), "m", arrays=False)
+    assert list(table_only.frame.request_id) == list(logged.frame.request_id) and table_only.signals.size == 0
     assert not list(tmp_path.rglob(".*.tmp"))  # no half-written file left behind
 
 

@@ -79,7 +79,7 @@ def apply_feedback(params: Params, path: Path) -> Feedback:
     from cwtops.registry.versions import log_version_metrics
 
     labels = read_labels(path)
-    logged = read_log(params.monitoring.inference_log, params.base.model_name).frame
+    logged = read_log(params.monitoring.inference_log, params.base.model_name, arrays=False).frame
     result = score(labels, logged)
     for entry in result.versions:
         log_version_metrics(params, entry.version, {"live_accuracy": entry.accuracy, "live_labelled": entry.labelled},

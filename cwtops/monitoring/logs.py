@@ -58,9 +58,13 @@ def _filesystem(location: str):  # noqa: ANN202 - (pyarrow FileSystem, root path
     return fs.S3FileSystem(**options), location.removeprefix("s3://").rstrip("/")
 
 
+FRAME_COLUMNS = ("time", "request_id", "row", "predicted", "version")
+
+
 def read_log(location: str, model: str, version: int | None = None, since: datetime | None = None,
-             limit: int | None = None, until: datetime | None = None) -> Logged:
-    """Logged signals of `model` (one version, or all) from after `since` up to `until`, the newest `limit` of them."""
+             limit: int | None = None, until: datetime | None = None, arrays: bool = True) -> Logged:
+    """Logged signals of `model` (one version, or all) from after `since` up to `until`, the newest
+    `limit` of them; `arrays=False` reads the table without the signals and logits (empty arrays)."""
     import pyarrow.dataset as ds
 
     filesystem, root = _filesystem(location)
@@ -76,7 +80,8 @@ def read_log(location: str, model: str, version: int | None = None, since: datet
         if until is not None:
             before = ds.field("time") <= _utc(until)
             condition = before if condition is None else condition & before
-        table = dataset.to_table(filter=condition)
+        columns = None if arrays else [c for c in FRAME_COLUMNS if c in dataset.schema.names]
+        table = dataset.to_table(filter=condition, columns=columns)
     except FileNotFoundError:
         return _empty()
     except OSError as error:
@@ -87,9 +92,11 @@ def read_log(location: str, model: str, version: int | None = None, since: datet
     frame = frame.sort_values("time", kind="stable").reset_index(drop=True)
     if limit is not None and len(frame) > limit:
         frame = frame.iloc[-limit:].reset_index(drop=True)
+    frame["version"] = frame["version"].astype(int)
+    if not arrays:
+        return Logged(frame, np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32))
     signals = np.stack([np.asarray(s, np.float32) for s in frame.pop("signal")])
     logits = np.stack([np.asarray(x, np.float32) for x in frame.pop("logits")])
-    frame["version"] = frame["version"].astype(int)
     return Logged(frame, signals, logits)
 
 

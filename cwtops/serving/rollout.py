@@ -155,10 +155,9 @@ def reconcile_challenger(params: Params, production: int | None, url: str | None
 
 
 def _tag_of(params: Params, version: int, tag: str) -> str | None:
-    from cwtops.registry.versions import registry_client
+    from cwtops.registry.versions import version_tags_of
 
-    with registry_client(params) as client:
-        return client.get_model_version(params.base.model_name, str(version)).tags.get(tag)
+    return version_tags_of(params, version).get(tag)
 
 
 def _tag_best_effort(params: Params, version: int | None, tags: dict[str, str]) -> None:

@@ -141,7 +141,11 @@ class TritonPythonModel:
         path = os.path.join(args["model_repository"], args["model_version"], config.get("default_model_filename") or "model.onnx")
         self.session = ort.InferenceSession(path, session_options(parameters), providers=providers(args, config))
         self._check_names(path)
-        self.log = inference_log(self.name, args["model_version"], parameters)
+        try:
+            self.log = inference_log(self.name, args["model_version"], parameters)
+        except Exception as error:  # noqa: BLE001 - the model serves without its log rather than not at all
+            print(f"model '{self.name}': inference log off ({type(error).__name__}: {error})", file=sys.stderr, flush=True)
+            self.log = None
         self._logged = self.outputs.index("logits") if "logits" in self.outputs else 0
 
     def _record(self, request: Any, arrays: dict[str, np.ndarray], results: list[np.ndarray]) -> None:
@@ -213,13 +217,15 @@ class TritonPythonModel:
     def _run_together(self, good: list[tuple[int, dict[str, np.ndarray]]], responses: list, requests: list) -> None:
         feeds = {name: np.concatenate([arrays[name] for _, arrays in good]) for name, _, _ in self.inputs}
         results = self.session.run(self.outputs, feeds)  # each [sum of the request batches, ...]
-        start = 0
+        start, answered = 0, []
         for index, arrays in good:
             stop = start + len(arrays[self.inputs[0][0]])
             tensors = [to_triton(name, result[start:stop]) for name, result in zip(self.outputs, results)]
             responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
-            self._record(requests[index], arrays, [result[start:stop] for result in results])
+            answered.append((requests[index], arrays, [result[start:stop] for result in results]))
             start = stop
+        for request, arrays, outputs in answered:  # once every response stands (else they are run one by one)
+            self._record(request, arrays, outputs)
 
     def _run_one(self, index: int, arrays: dict[str, np.ndarray], responses: list, request: Any = None) -> None:
         try:
