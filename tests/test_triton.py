@@ -9,6 +9,7 @@ import os
 import re
 import socket
 import sys
+import tempfile
 import threading
 import types
 import warnings
@@ -98,7 +99,9 @@ def make_params(repository: Path, ports: tuple[int, int, int] = (8000, 8001, 800
     raw = load_params(ROOT / "params.yaml").model_dump(mode="json")
     raw["base"]["model_name"] = MODEL
     raw["triton"].update({"model_repository": str(repository), "http_port": ports[0], "grpc_port": ports[1], "metrics_port": ports[2]})
-    raw["monitoring"].update({"inference_log": str(repository.parent / "inference_log"), "sample_rate": 0.0})  # on where a test says so
+    # the inference log: off (a test turns it on), beside a local repository, else in a temporary folder
+    beside = Path(tempfile.mkdtemp()) if str(repository).startswith("s3://") else Path(repository).parent
+    raw["monitoring"].update({"inference_log": str(beside / "inference_log"), "sample_rate": 0.0})
     return params_from_dict(raw)
 
 
