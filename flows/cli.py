@@ -74,7 +74,7 @@ def serve(
     params_path: Path = ParamsOption,
     webhook: bool = typer.Option(True, help="register the MLflow webhook and run its receiver"),
 ) -> None:
-    """Long-running: Prefect deployments (nightly retraining, rollout reconciler) and the webhook receiver."""
+    """Long-running: Prefect deployments (nightly retraining, also on drift; rollout reconciler; monitoring) and the webhook receiver."""
     from flows.main import prepare_environment
     from flows.serve import serve as serve_all
 

@@ -2,7 +2,8 @@
 
 - Prefect: joins PREFECT_API_URL when set, else starts a local server on 127.0.0.1.
 - Deployments (served by this process): those prefect.yaml lists, the one place they are written
-  (nightly retraining, the rollout reconciler every minute; flows/deployments.py reads them).
+  (nightly retraining, also started by the drift event; the rollout reconciler every minute; the monitor
+  pass every 5 minutes; flows/deployments.py reads them).
 - Webhook: MLflow calls the receiver when an alias is set or removed; a verified change of the
   `production` or `challenger` alias of the registered model runs the rollout flow at once (the
   schedule is the safety net).
