@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.bench_serving import _free_port, export_default_model, measure
+from bench.bench_serving import _free_port, _served_call, export_default_model, measure
 from bench.common import RESULTS_DIR, print_table, write_json
 from cwtops.core.config import Params, load_params, params_from_dict
 
@@ -108,7 +108,7 @@ def run(quick: bool = False) -> dict:
                 def load(model: str) -> float:
                     if native:
                         return perf_analyzer.measure(info.url, model, CONCURRENCY, inputs, interval_ms).rps
-                    return measure(_client_call(info.url, model, signal), CONCURRENCY, requests)[0]
+                    return measure(_served_call(info.url, signal, model), CONCURRENCY, requests)[0]
 
                 cases = {"off": "bench_off", f"log {default_rate:g}": "bench_default", "log 1.0": "bench_all"}
                 during = f"log {default_rate:g}, during a shadow pass"
@@ -184,20 +184,6 @@ def _timed_pass(url: str, log: str, signals: int, load: Callable[[], float]) -> 
         load()
     thread.join()
     return elapsed[0]
-
-
-def _client_call(url: str, model: str, signal: np.ndarray):  # noqa: ANN202 - a zero-argument call
-    """One single-signal request to `model`, one tritonclient per thread (they are not thread-safe)."""
-    from cwtops.serving.client import connect, infer
-
-    local = threading.local()
-
-    def call() -> np.ndarray:
-        if not hasattr(local, "client"):
-            local.client = connect(url)
-        return infer(url, model, signal, client=local.client, max_batch=1)
-
-    return call
 
 
 def main() -> None:

@@ -88,7 +88,8 @@ def bench_params(root: Path, overrides: dict[str, str]) -> Params:
     return params_from_dict(raw, "bench overrides")
 
 
-def _served_call(url: str, signal: np.ndarray) -> Callable[[], object]:
+def _served_call(url: str, signal: np.ndarray, model: str = MODEL_NAME) -> Callable[[], object]:
+    """One request of `signal` to `model`, one tritonclient per thread (they are not thread-safe)."""
     from cwtops.serving.client import connect, infer
 
     local = threading.local()
@@ -96,7 +97,7 @@ def _served_call(url: str, signal: np.ndarray) -> Callable[[], object]:
     def call() -> np.ndarray:
         if not hasattr(local, "client"):
             local.client = connect(url)
-        return infer(url, MODEL_NAME, signal, client=local.client)
+        return infer(url, model, signal, client=local.client)
 
     return call
 

@@ -10,7 +10,6 @@ system, with the endpoint and credentials from the environment (docs/s3.md). Fil
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -38,24 +37,12 @@ class Logged:
         return None if self.frame.empty else self.frame["time"].max().to_pydatetime()
 
 
-def _filesystem(location: str):  # noqa: ANN202 - (pyarrow FileSystem, root path)
+def _filesystem(location: str):  # noqa: ANN202 - (pyarrow FileSystem or None, root path)
     if not location.startswith("s3://"):
         return None, str(Path(location).resolve())
-    from urllib.parse import urlparse
+    from cwtops.serving.backend.inference_log import s3_filesystem
 
-    from pyarrow import fs
-
-    from cwtops.core.s3 import endpoint_url
-
-    endpoint = endpoint_url()
-    options: dict = {}
-    if endpoint:
-        parsed = urlparse(endpoint)
-        options = {"endpoint_override": parsed.netloc, "scheme": parsed.scheme or "https"}
-    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
-    if region:
-        options["region"] = region
-    return fs.S3FileSystem(**options), location.removeprefix("s3://").rstrip("/")
+    return s3_filesystem(), location.removeprefix("s3://").rstrip("/")
 
 
 FRAME_COLUMNS = ("time", "request_id", "row", "predicted", "version")

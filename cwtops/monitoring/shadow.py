@@ -109,11 +109,13 @@ def _record(params: Params, challenger: int, production: int | None, agree: np.n
 
 def report(params: Params) -> list[dict]:
     """Every version that was scored in shadow, newest first: its totals and the production version they compare with."""
-    from cwtops.registry.versions import list_versions, version_tags_of
+    from cwtops.registry.versions import list_versions, registry_client, search_versions
 
+    with registry_client(params) as client:  # every version's tags in one search
+        all_tags = {int(v.version): v.tags for v in search_versions(client, params.base.model_name)}
     rows = []
     for entry in list_versions(params):
-        tags = version_tags_of(params, entry["version"])
+        tags = all_tags.get(entry["version"], {})
         if "shadow_signals" in tags:
             rows.append({"version": entry["version"], "aliases": entry["aliases"], **{key: tags.get(key, "") for key in TAGS}})
     return rows

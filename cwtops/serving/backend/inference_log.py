@@ -40,6 +40,26 @@ CHECK_PREFIX = "cwtops-check"
 COMPRESSION = "snappy"
 
 
+def s3_filesystem(**settings: object):  # noqa: ANN201 - a pyarrow S3FileSystem
+    """pyarrow's S3 client with the endpoint and region from the environment (the variables
+    cwtops.core.s3 reads; this file imports nothing of cwtops), credentials found by the AWS SDK.
+    The monitoring passes read the log through it too."""
+    from urllib.parse import urlparse
+
+    from pyarrow import fs
+
+    endpoint = next((os.environ[v] for v in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
+                     if os.environ.get(v)), None)
+    options: dict = {}
+    if endpoint:
+        parsed = urlparse(endpoint)
+        options = {"endpoint_override": parsed.netloc, "scheme": parsed.scheme or "https"}
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        options["region"] = region
+    return fs.S3FileSystem(**options, **settings)
+
+
 def _lists(blocks: list[np.ndarray]):  # noqa: ANN202 - a pyarrow ListArray
     """Rows of 2-D float32 blocks (rows may differ in length between blocks) as one list<float32> column."""
     import pyarrow as pa
@@ -215,24 +235,11 @@ class InferenceLog:
         return path
 
     def _s3_filesystem(self):  # noqa: ANN202 - a pyarrow S3FileSystem
-        """pyarrow's S3 client (boto3 needs `ssl`, which a backend stub may not load): endpoint,
-        region and credentials from the environment, short timeouts, two attempts."""
+        """pyarrow's S3 client (boto3 needs `ssl`, which a backend stub may not load): short timeouts, two attempts."""
         if self._s3 is None:
-            from urllib.parse import urlparse
-
             from pyarrow import fs
 
-            endpoint = next((os.environ[v] for v in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
-                             if os.environ.get(v)), None)
-            options: dict = {}
-            if endpoint:
-                parsed = urlparse(endpoint)
-                options = {"endpoint_override": parsed.netloc, "scheme": parsed.scheme or "https"}
-            region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
-            if region:
-                options["region"] = region
-            self._s3 = fs.S3FileSystem(connect_timeout=2, request_timeout=10,
-                                       retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=2), **options)
+            self._s3 = s3_filesystem(connect_timeout=2, request_timeout=10, retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=2))
         return self._s3
 
     # ------------------------------------------------------------------ shutdown
