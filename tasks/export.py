@@ -93,6 +93,7 @@ def run(cfg: ExportConfig, base: BaseConfig) -> ExportResult:
         "signal_length": str(args.signal_length),
         "hop": str(args.hop),
         "magnitude": args.magnitude,
+        "decimate": args.decimate,
         "best_epoch": str(checkpoint.get("epoch", "")),
     }
     try:

@@ -91,6 +91,7 @@ def run(cfg: ParseConfig, base: BaseConfig) -> ParseResult:
             "magnitude": cfg.magnitude,
             "hop": resolve_hop(cfg, signal_length),
             "hop_derived": cfg.hop == AUTO,
+            "decimate": cfg.decimate,  # mean: magnitudes averaged over each hop; sample: every hop-th one
         },
     )
     with atomic_path(paths.manifest) as tmp:

@@ -36,7 +36,7 @@ from cwtops.core.errors import CwtopsError
 from cwtops.core.paths import ArtifactPaths, artifact_paths
 from cwtops.data.signals import SignalReader, load_signals, read_manifest
 from cwtops.model.distributed import SINGLE_PROCESS, World, close_world, init_world, shard, sync_buffers, threads_per_rank, wrap_head
-from cwtops.model.network import HybridCWTNet, ModelArgs, checkpoint_dict, head_flops, trainable_parameters
+from cwtops.model.network import DILATIONS_1D, HybridCWTNet, ModelArgs, checkpoint_dict, head_flops, trainable_parameters
 from cwtops.monitoring.features import build_reference, features_in_chunks
 from tasks.parse import load_filter_bank
 
@@ -316,12 +316,14 @@ class FrontEnd:
     hop: int
     hop_derived: bool
     magnitude: str
+    decimate: str = "sample"  # parse.decimate; summaries from before it was a setting sampled
 
 
 def read_front_end(paths: ArtifactPaths) -> FrontEnd:
     summary = json.loads(paths.filter_bank_summary.read_text())
     try:
-        return FrontEnd(int(summary["hop"]), bool(summary["hop_derived"]), str(summary["magnitude"]))
+        return FrontEnd(int(summary["hop"]), bool(summary["hop_derived"]), str(summary["magnitude"]),
+                        str(summary.get("decimate", "sample")))
     except KeyError:
         raise CwtopsError(f"{paths.filter_bank_summary}: written by an older parse stage (no hop or magnitude); "
                           "run `dvc repro parse` (or `cwtops stage parse`) again") from None
@@ -391,7 +393,8 @@ def _write_history(path: Path, history: list[dict]) -> None:
 
 def model_args(cfg: TrainConfig, magnitude: str, n_filters: int, kernel_size: int, n_classes: int, signal_length: int,
                hop: int, members: int = 1, channels: tuple[int, int, int, int] = WIDE_CHANNELS,
-               hidden: int = WIDE_HIDDEN, raw_channel: bool = False) -> ModelArgs:
+               hidden: int = WIDE_HIDDEN, raw_channel: bool = False, decimate: str = "sample",
+               dilations: tuple[int, int, int, int] = DILATIONS_1D) -> ModelArgs:
     """The head's shape: params.yaml's settings with the resolved (`auto`) values passed in."""
     return ModelArgs(
         n_filters=n_filters,
@@ -407,13 +410,16 @@ def model_args(cfg: TrainConfig, magnitude: str, n_filters: int, kernel_size: in
         head=cfg.head,
         members=members,
         raw_channel=raw_channel and cfg.head == "1d",
+        decimate=decimate,
+        dilations=dilations,
     )
 
 
 def _build(cfg: TrainConfig, seed: int, front: FrontEnd, matrix: torch.Tensor, n_classes: int, signal_length: int,
            settings: TrainSettings, device: torch.device) -> HybridCWTNet:
     args = model_args(cfg, front.magnitude, matrix.shape[0], matrix.shape[1], n_classes, signal_length, settings.hop,
-                      settings.members, settings.channels, settings.hidden, settings.raw_channel)
+                      settings.members, settings.channels, settings.hidden, settings.raw_channel, front.decimate,
+                      settings.dilations)
     torch.manual_seed(seed)
     return training_layout(HybridCWTNet(args, matrix).to(device))
 
@@ -445,7 +451,7 @@ def resolve_settings(cfg: TrainConfig, front: FrontEnd, manifest: pd.DataFrame, 
     members = cfg.members if cfg.head == "1d" else 1  # the 2-D head trains alone
     settings = train_settings(front.hop, cfg.epochs, cfg.batch_size, cfg.patience, signal_length, n_train, has_val,
                               forward_flops, members, cfg.input, input_bytes, cfg.max_steps, cfg.channels, cfg.hidden,
-                              cfg.raw_channel if cfg.head == "1d" else False)
+                              cfg.raw_channel if cfg.head == "1d" else False, cfg.dilations)
     return replace(settings, derived=("parse.hop", *settings.derived)) if front.hop_derived else settings
 
 

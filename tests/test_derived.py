@@ -9,7 +9,7 @@ import torch
 from cwtops.core import derived
 from cwtops.core.config import BalanceConfig, params_from_dict
 from cwtops.data.weights import fit_warnings, fitted_filter_bank, generate_filter_bank, is_default_bank
-from cwtops.model.network import HybridCWTNet, ModelArgs
+from cwtops.model.network import HybridCWTNet, ModelArgs, receptive_field
 from tasks.balance import balance_manifest
 from tests.test_balance import manifest
 
@@ -134,3 +134,18 @@ def test_small_training_sets_get_the_narrow_head_and_explicit_widths_win() -> No
                                   forward_flops=lambda hop, channels, hidden: flops[channels],
                                   channels=derived.WIDE_CHANNELS, hidden=derived.WIDE_HIDDEN)
     assert narrow.members >= wide.members
+
+
+@pytest.mark.parametrize(("length", "hop", "dilations"), [
+    (24, "auto", (1, 4, 8, 16)),     # ItalyPowerDemand: 24 steps, the smallest unit (field 87 steps)
+    (150, "auto", (2, 8, 16, 32)),   # GunPoint: field 173 for 150 steps
+    (319, "auto", (4, 16, 32, 64)),  # Lightning7: field 345 for 319 steps
+    (2048, "auto", (3, 12, 24, 48)),  # the sample data at hop 8: 256 steps, field 259
+    (2048, 1, (24, 96, 192, 384)),   # an explicit hop: the field follows the steps the head sees
+])
+def test_the_receptive_field_follows_the_steps_the_head_sees(length: int, hop: int | str, dilations: tuple) -> None:
+    settings = derived.train_settings(hop, 5, 8, 5, signal_length=length, n_train=50, dilations="auto")
+    assert settings.dilations == dilations and "train.dilations" in settings.derived
+    steps = -(-length // settings.hop)
+    assert abs(receptive_field(settings.dilations) - steps) <= derived.PATTERN_FIELD // 2 or steps < derived.PATTERN_FIELD
+    assert derived.train_settings(hop, 5, 8, 5, signal_length=length, n_train=50, dilations=(1, 2, 4, 8)).dilations == (1, 2, 4, 8)

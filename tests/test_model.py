@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
 
 from cwtops.model.network import (
+    DILATIONS_1D,
     CWTFrontEnd,
     HybridCWTNet,
     ModelArgs,
@@ -33,14 +36,15 @@ def random_bank(seed: int, n_filters: int = 112) -> tuple[list[np.ndarray], torc
     return filters, torch.from_numpy(matrix)
 
 
+@pytest.mark.parametrize("decimate", ["sample", "mean"])
 @pytest.mark.parametrize("method", ["conv", "fft"])
 @pytest.mark.parametrize("hop", [1, 8])
 @pytest.mark.parametrize("magnitude", ["abs", "square", "none"])
-def test_frontend_matches_per_layer_reference(method: str, hop: int, magnitude: str) -> None:
+def test_frontend_matches_per_layer_reference(method: str, hop: int, magnitude: str, decimate: str) -> None:
     filters, matrix = random_bank(seed=hop)
-    signal = torch.randn(3, 1, 777, generator=torch.Generator().manual_seed(1))
-    expected = PerLayerFrontEnd(filters, hop=hop, magnitude=magnitude)(signal)
-    actual = CWTFrontEnd(matrix, hop=hop, magnitude=magnitude, method=method)(signal)
+    signal = torch.randn(3, 1, 777, generator=torch.Generator().manual_seed(1))  # 777 = 97 x 8 + 1: a short last hop
+    expected = PerLayerFrontEnd(filters, hop=hop, magnitude=magnitude, decimate=decimate)(signal)
+    actual = CWTFrontEnd(matrix, hop=hop, magnitude=magnitude, method=method, decimate=decimate)(signal)
     assert actual.shape == expected.shape
     relative = (actual - expected).abs().max() / expected.abs().max()
     assert relative < 1e-5
@@ -70,14 +74,18 @@ def test_checkpoint_rebuilds_model(tmp_path) -> None:
     assert torch.allclose(rebuilt(signal), model(signal))
 
 
-def test_onnx_export_matches_torch_at_batch_1_and_64() -> None:
+@pytest.mark.parametrize("decimate", ["sample", "mean"])
+def test_onnx_export_matches_torch_at_batch_1_and_64(decimate: str) -> None:
     _, matrix = random_bank(seed=5, n_filters=32)
-    args = ModelArgs(n_filters=32, kernel_size=matrix.shape[1], n_classes=5, signal_length=512)
+    args = ModelArgs(n_filters=32, kernel_size=matrix.shape[1], n_classes=5, signal_length=510, hop=8, decimate=decimate)
     model = HybridCWTNet(args, matrix).eval()
-    session = ort.InferenceSession(onnx_bytes(model, 512, 18, dynamic_length=False))
+    # the head sees ceil(510 / 8) = 64 steps either way; averaging computes every sample's response first
+    assert model.scalogram(torch.randn(2, 1, 510)).shape == (2, 32, 64)
+    assert head_flops(args)["frontend"] == 2 * 32 * matrix.shape[1] * (510 if decimate == "mean" else 64)
+    session = ort.InferenceSession(onnx_bytes(model, 510, 18, dynamic_length=False))
     assert [i.name for i in session.get_inputs()] == [INPUT_NAME]
     for batch in (1, 64):
-        signal = torch.randn(batch, 1, 512)
+        signal = torch.randn(batch, 1, 510)
         (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: signal.numpy()})
         assert logits.shape == (batch, 5)
         assert np.abs(logits - model(signal).detach().numpy()).max() < 1e-4
@@ -170,13 +178,19 @@ def test_the_raw_channel_joins_the_scales_and_exports_to_a_matching_graph(hop: i
 def test_1d_head_checkpoint_round_trip_and_old_checkpoints_stay_2d(tmp_path) -> None:
     _, matrix = random_bank(seed=7, n_filters=16)
     args = ModelArgs(n_filters=16, kernel_size=matrix.shape[1], n_classes=3, signal_length=40, hop=1, head="1d", members=2,
-                     channels=(4, 4, 8, 8), hidden=6)
+                     channels=(4, 4, 8, 8), hidden=6, dilations=(1, 3, 5, 7))
     model = _trained_like(HybridCWTNet(args, matrix), seed=1)
     torch.save(checkpoint_dict(model, ["a", "b", "c"], "sha", {}), tmp_path / "m.pt")
     rebuilt, _ = load_checkpoint(tmp_path / "m.pt")
     signal = torch.randn(2, 1, 40)
-    assert rebuilt.args.head == "1d" and rebuilt.args.members == 2
+    assert rebuilt.args.head == "1d" and rebuilt.args.members == 2 and rebuilt.args.dilations == (1, 3, 5, 7)
+    assert [rebuilt.members[0].get_submodule(f"conv{i}")[0].dilation[0] for i in (1, 2, 3, 4)] == [1, 3, 5, 7]
     assert torch.allclose(rebuilt(signal), model(signal))
+    written_before = checkpoint_dict(HybridCWTNet(replace(args, dilations=DILATIONS_1D), matrix), ["a", "b", "c"], "sha", {})
+    del written_before["model_args"]["dilations"], written_before["model_args"]["decimate"]
+    torch.save(written_before, tmp_path / "old.pt")  # from before dilations and decimation were settings
+    old, _ = load_checkpoint(tmp_path / "old.pt")
+    assert old.args.dilations == (1, 2, 4, 8) and old.args.decimate == "sample"
     flops = head_flops(args)
     assert flops["conv1"] == 2 * 2 * 40 * 16 * 4 * 7  # members x 2 x T x in x out x kernel
     with pytest.raises(Exception, match="ensembles and the raw channel are built from the 1-D head"):
@@ -200,3 +214,19 @@ def test_parity_judges_each_logit_against_atol_plus_rtol_times_its_size() -> Non
     flipped = np.array([[1.00006, 1.00005]])
     assert not compare(tie, flipped, cfg)["passed"]
     assert compare(tie, flipped, cfg, require_argmax=False)["passed"]
+
+
+@pytest.mark.parametrize("head", ["1d", "2d"])
+def test_signed_responses_stay_finite_and_export(head: str) -> None:
+    """`magnitude: none` feeds the head signed responses: log1p alone would turn those below -1 into NaN."""
+    _, matrix = random_bank(seed=9, n_filters=16)
+    args = ModelArgs(n_filters=16, kernel_size=matrix.shape[1], n_classes=3, signal_length=256, hop=1, head=head,
+                     magnitude="none", channels=(4, 4, 8, 8), hidden=6)
+    model = _trained_like(HybridCWTNet(args, matrix), seed=2)
+    signal = torch.randn(4, 1, 256) * 10
+    assert (model.scalogram(signal) < -1).any()
+    logits = model(signal)
+    assert torch.isfinite(logits).all()
+    session = ort.InferenceSession(onnx_bytes(model, 256, 18, dynamic_length=False))
+    (served,) = session.run([OUTPUT_NAME], {INPUT_NAME: signal.numpy()})
+    assert np.abs(served - logits.detach().numpy()).max() < 1e-4

@@ -50,6 +50,9 @@ class ParseConfig(Section):
     magnitude: Literal["abs", "square", "none"] = "abs"
     # auto: about 128-256 time steps for the head (cwtops/core/derived.py); or a fixed decimation
     hop: Annotated[int, Field(ge=1, le=64)] | Auto = "auto"
+    # mean: each filter's magnitude averaged over every `hop` samples (the response computed at every
+    # sample); sample: the magnitude read at every hop-th sample only (cheaper, aliased)
+    decimate: Literal["mean", "sample"] = "mean"
     # auto: the generated default bank (what `cwtops init` writes) is refitted to the signal
     # length; a user's own bank is always used as written. file: the file's filters, always.
     bank: Literal["auto", "file"] = "auto"
@@ -84,6 +87,9 @@ class TrainConfig(Section):
     # 1d head: the standardised signal as one more input channel beside the scales; auto: for small training sets
     raw_channel: bool | Auto = False
     hidden: Annotated[int, Field(ge=1)] | Auto = "auto"
+    # 1d head: conv1..conv4's dilations (kernels 7, 5, 5, 3); auto: a receptive field about as long
+    # as the T steps the head sees (d x (1, 4, 8, 16), cwtops/core/derived.py)
+    dilations: tuple[int, int, int, int] | Auto = "auto"
     dropout: float = Field(0.1, ge=0, lt=1)
     stem: Literal["pool", "strided"] = "strided"  # 2d head: a stride-2 conv1, or conv1 + 2x2 max-pool (4x the cost)
     # augmentation, on the scalogram: a random shift in time of up to this share of its length
@@ -98,11 +104,11 @@ class TrainConfig(Section):
     num_workers: int = Field(0, ge=0)  # streaming: DataLoader processes reading batches ahead
     threads: int = Field(0, ge=0)
 
-    @field_validator("channels")
+    @field_validator("channels", "dilations")
     @classmethod
     def _positive(cls, value: tuple[int, ...] | str) -> tuple[int, ...] | str:
         if not isinstance(value, str) and any(c < 1 for c in value):
-            raise ValueError("every channel width must be at least 1")
+            raise ValueError("every value must be at least 1")
         return value
 
 

@@ -57,6 +57,13 @@ SMALL_SET = 150  # training signals, at most
 # development sets up to SMALL_SET signals it moved the mean by +0.4 points, from gains on small test
 # sets (ArrowHead +5.7, Lightning7 +5.5, ACSF1 +4.0) and losses on large ones (FreezerSmallTrain
 # -3.3 on 2,850 test signals, Mallat -1.0); it is an option, not the default (BENCHMARKS.md).
+# The 1-D head's dilations: conv1..conv4 (kernels 7, 5, 5, 3) at DILATION_PATTERN times a unit d see
+# 1 + 86 d time steps; `auto` picks d so that this receptive field is about the T steps the head sees.
+# On the development list the field mattered most where the sets were furthest behind (one seed):
+# Lightning7 (T 319) 0.616 at 47 steps, 0.726 at 87, 0.753 at 173, 0.795 at 345; CricketX (T 300)
+# 0.774, 0.808, 0.831, 0.810 (BENCHMARKS.md, what was tried).
+DILATION_PATTERN = (1, 4, 8, 16)
+PATTERN_FIELD = 86  # (7 - 1) * 1 + (5 - 1) * 4 + (5 - 1) * 8 + (3 - 1) * 16
 WIDE_CHANNELS, WIDE_HIDDEN = (64, 64, 128, 128), 128
 NARROW_CHANNELS, NARROW_HIDDEN = (32, 32, 64, 64), 64
 
@@ -95,6 +102,12 @@ def auto_width(n_train: int) -> tuple[tuple[int, int, int, int], int]:
     return (NARROW_CHANNELS, NARROW_HIDDEN) if n_train <= SMALL_SET else (WIDE_CHANNELS, WIDE_HIDDEN)
 
 
+def auto_dilations(steps: int) -> tuple[int, int, int, int]:
+    """conv1..conv4's dilations whose receptive field (1 + 86 d steps) is about `steps`, d >= 1."""
+    unit = max(1, round((steps - 1) / PATTERN_FIELD))
+    return tuple(unit * d for d in DILATION_PATTERN)
+
+
 def auto_raw_channel(n_train: int) -> bool:
     """`auto`: the raw channel on for small training sets (with the narrow head), off above SMALL_SET."""
     return n_train <= SMALL_SET
@@ -127,6 +140,7 @@ class TrainSettings:
     channels: tuple[int, int, int, int] = WIDE_CHANNELS  # conv1..conv4 widths
     hidden: int = WIDE_HIDDEN  # fc1 width
     raw_channel: bool = False  # the standardised signal as one more input channel (1-D head)
+    dilations: tuple[int, int, int, int] = DILATION_PATTERN  # 1-D head: conv1..conv4
 
     def summary(self) -> dict:
         values = asdict(self)
@@ -151,7 +165,8 @@ def train_settings(hop: int | str, epochs: int | str, batch_size: int | str, pat
                    forward_flops: Callable[..., float] = lambda hop, channels, hidden: 1e7, members: int | str = 1,
                    input_mode: str = "memory", input_bytes: Callable[[int], int] = lambda hop: 0,
                    max_steps: int | None = None, channels: tuple[int, int, int, int] | str = WIDE_CHANNELS,
-                   hidden: int | str = WIDE_HIDDEN, raw_channel: bool | str = False) -> TrainSettings:
+                   hidden: int | str = WIDE_HIDDEN, raw_channel: bool | str = False,
+                   dilations: tuple[int, int, int, int] | str = DILATION_PATTERN) -> TrainSettings:
     """Resolve every `auto` among the train stage's settings from the data's shape.
 
     `forward_flops(hop, channels, hidden)` is one head's forward cost per signal (`head_flops`);
@@ -167,6 +182,10 @@ def train_settings(hop: int | str, epochs: int | str, batch_size: int | str, pat
     if raw_channel == AUTO:
         derived.append("train.raw_channel")
     resolved_raw = resolve_raw_channel(raw_channel, n_train)
+    if dilations == AUTO:
+        derived.append("train.dilations")
+    steps = -(-signal_length // resolved_hop)
+    resolved_dilations = auto_dilations(steps) if dilations == AUTO else tuple(dilations)
     flops = forward_flops(resolved_hop, resolved_channels, resolved_hidden)
     resolved_batch = resolve(batch_size, lambda: auto_batch_size(n_train), "train.batch_size", derived)
     resolved_members = resolve(members, lambda: auto_members(n_train, flops, resolved_batch), "train.members", derived)
@@ -180,4 +199,4 @@ def train_settings(hop: int | str, epochs: int | str, batch_size: int | str, pat
         resolved_input = "memory" if input_bytes(resolved_hop) <= MEMORY_INPUT_BYTES else "stream"
     return TrainSettings(signal_length, n_train, int(flops), resolved_hop, resolved_members, resolved_epochs,
                          resolved_batch, resolved_patience, tuple(derived), resolved_input, max_steps,
-                         resolved_channels, resolved_hidden, resolved_raw)
+                         resolved_channels, resolved_hidden, resolved_raw, resolved_dilations)

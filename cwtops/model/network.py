@@ -3,9 +3,10 @@
 Shapes (S = 112 filters; T = L // hop time steps, 256-511 with `parse.hop: auto`):
 
     signal      (B, 1, L)
-    scalogram   (B, S, T)      frozen front-end, |x * psi_s| sampled every `hop` samples
+    scalogram   (B, S, T)      frozen front-end, |x * psi_s| averaged over every `hop` samples
+                               (`decimate: mean`) or read at every hop-th one (`sample`)
     head "1d"   conv1..conv4   (the default) 1-D over time, the S scales as input channels:
-                               kernels 7, 5, 5, 3, dilations 1, 2, 4, 8, BatchNorm + ReLU
+                               kernels 7, 5, 5, 3, dilations 1, 4, 8, 16 (`train.dilations`), BatchNorm + ReLU
                                -> (B, c4, T) -> mean and max over time -> (B, 2 c4)
                 fc1, fc2       -> logits (B, C); an ensemble of N such heads outputs the log of
                                their mean probability
@@ -15,16 +16,16 @@ Shapes (S = 112 filters; T = L // hop time steps, 256-511 with `parse.hop: auto`
                 fc1, fc2       -> logits (B, C)
 
 Cost per signal with the defaults on the sample data (L 2048, hop 8, K = 257 taps; channels 64,
-64, 128, 128; hidden 128): front-end 2 * S * K * T = 14.7 MFLOP (one strided convolution); head
-conv1 25.7 + conv2 10.5 + conv3 21.0 + conv4 25.2 = 82.4 MFLOP forward per member, about 3x that
-to train. The front-end is frozen, so training computes scalograms once and feeds the head from
+64, 128, 128; hidden 128): front-end 2 * S * K * L = 118 MFLOP averaged (`decimate: mean`, every
+sample's response) or 2 * S * K * T = 14.7 MFLOP sampled (one strided convolution); head conv1
+25.7 + conv2 10.5 + conv3 21.0 + conv4 25.2 = 82.4 MFLOP forward per member, about 3x that to train. The front-end is frozen, so training computes scalograms once and feeds the head from
 memory: an epoch costs only the head (`head_flops` counts it for any configuration).
 
 The front-end holds the filter bank as buffers, never as parameters, so no optimizer can see it.
 It runs one of two exact-equivalent paths: a single strided convolution (the path exported to
 ONNX, where ONNX Runtime's Conv is much faster than its DFT) or an FFT product (PyTorch only,
 where it is faster for long signals). Both equal the original one-Conv1d-per-scale
-implementation (padding='same') decimated by `hop`.
+implementation (padding='same') decimated by `hop` (cwtops/model/reference.py).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ Magnitude = Literal["abs", "square", "none"]
 Stem = Literal["pool", "strided"]
 HeadKind = Literal["1d", "2d"]
 Method = Literal["auto", "conv", "fft"]
+Decimate = Literal["mean", "sample"]
 
 
 def filter_bank_sha256(matrix: np.ndarray, lengths: np.ndarray) -> str:
@@ -74,6 +76,7 @@ class CWTFrontEnd(nn.Module):
         hop: int = 8,
         magnitude: Magnitude = "abs",
         method: Method = "auto",
+        decimate: Decimate = "sample",
     ) -> None:
         super().__init__()
         if bank.ndim != 2 or bank.shape[1] % 2 != 1:
@@ -83,6 +86,7 @@ class CWTFrontEnd(nn.Module):
         self.hop = hop
         self.magnitude: Magnitude = magnitude
         self.method: Method = method
+        self.decimate: Decimate = decimate
         self._spectra: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
 
     @property
@@ -96,7 +100,7 @@ class CWTFrontEnd(nn.Module):
     def output_length(self, signal_length: int) -> int:
         return -(-signal_length // self.hop)
 
-    def _use_fft(self, signal_length: int) -> bool:
+    def _use_fft(self, signal_length: int, hop: int | None = None) -> bool:
         if self.method != "auto":
             return self.method == "fft"
         # Tracing for ONNX always takes the convolution (ORT's DFT is slow).
@@ -106,20 +110,26 @@ class CWTFrontEnd(nn.Module):
         # computes all L of them. Measured on CPU (bench/bench_frontend.py, 112 Morlet filters):
         # at hop 1 the FFT is 2-3x faster than the convolution, at hop 8 the convolution is ~10x
         # faster than the FFT.
-        return self.hop == 1
+        return (hop or self.hop) == 1
 
     def forward(self, signal: torch.Tensor) -> torch.Tensor:
+        if self.decimate == "mean" and self.hop > 1:
+            # The magnitude of a real wavelet's response oscillates at twice the filter's frequency:
+            # read every hop-th sample, the high scales alias into noise; averaged over each hop it is
+            # their energy envelope. Costs hop x the front-end's arithmetic (every sample's response).
+            full = self._fft_response(signal, 1) if self._use_fft(signal.shape[-1], 1) else self._conv_response(signal, 1)
+            return F.avg_pool1d(_apply_magnitude(full, self.magnitude), self.hop, self.hop, ceil_mode=True)
         if self._use_fft(signal.shape[-1]):
             response = self._fft_response(signal)
         else:
             response = self._conv_response(signal)
         return _apply_magnitude(response, self.magnitude)
 
-    def _conv_response(self, signal: torch.Tensor) -> torch.Tensor:
+    def _conv_response(self, signal: torch.Tensor, hop: int | None = None) -> torch.Tensor:
         weight = self.filter_bank.to(signal.dtype)
-        return F.conv1d(signal, weight, stride=self.hop, padding=(self.kernel_size - 1) // 2)
+        return F.conv1d(signal, weight, stride=hop or self.hop, padding=(self.kernel_size - 1) // 2)
 
-    def _fft_response(self, signal: torch.Tensor) -> torch.Tensor:
+    def _fft_response(self, signal: torch.Tensor, hop: int | None = None) -> torch.Tensor:
         length = signal.shape[-1]
         pad = (self.kernel_size - 1) // 2
         n_fft = _fast_size(length + self.kernel_size - 1)
@@ -127,7 +137,7 @@ class CWTFrontEnd(nn.Module):
         signal_spectrum = torch.fft.rfft(signal.float(), n=n_fft)  # (B, 1, F)
         full = torch.fft.irfft(signal_spectrum * spectrum, n=n_fft)  # (B, S, n_fft)
         # Cross-correlation (what conv1d computes) of the zero-padded signal, 'same' alignment.
-        return full[..., pad : pad + length : self.hop].to(signal.dtype)
+        return full[..., pad : pad + length : hop or self.hop].to(signal.dtype)
 
     def _filter_spectrum(self, n_fft: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         key = (n_fft, device, dtype)
@@ -156,6 +166,19 @@ def _fast_size(n: int) -> int:
     return best
 
 
+# 1-D head: kernel sizes of conv1..conv4, and the dilations checkpoints from before `train.dilations`
+# was a setting were built with (receptive field 1 + 6 + 8 + 16 + 16 = 47 time steps). The default
+# now is 1, 4, 8, 16: 1 + 6 + 16 + 32 + 32 = 87 steps, a sixth to a third of the 256-511 that
+# `parse.hop: auto` leaves the head; mean and max pooling over time then summarise the whole signal.
+KERNELS_1D = (7, 5, 5, 3)
+DILATIONS_1D = (1, 2, 4, 8)
+
+
+def receptive_field(dilations: tuple[int, ...]) -> int:
+    """Time steps one output of conv4 sees."""
+    return 1 + sum((kernel - 1) * dilation for kernel, dilation in zip(KERNELS_1D, dilations))
+
+
 @dataclass(frozen=True)
 class ModelArgs:
     """Everything needed to rebuild the network: travels inside every checkpoint."""
@@ -178,6 +201,10 @@ class ModelArgs:
     # 1-D head: the standardised signal itself, averaged over each hop, as one more input channel
     # beside the S scales (the magnitudes drop the waveform's sign and phase). Older checkpoints: off.
     raw_channel: bool = False
+    # How the front-end decimates by `hop` (parse.decimate): "mean" averages each filter's magnitude
+    # over the hop, "sample" reads every hop-th sample. Checkpoints written before: "sample".
+    decimate: Decimate = "sample"
+    dilations: tuple[int, int, int, int] = DILATIONS_1D  # 1-D head: conv1..conv4 (train.dilations)
 
     @property
     def input_channels(self) -> int:
@@ -199,13 +226,6 @@ def _conv_block(in_channels: int, out_channels: int, strided: bool = False) -> n
     )
 
 
-# 1-D head: kernel sizes and dilations of conv1..conv4. Receptive field 1 + 6 + 8 + 16 + 16 = 47
-# time steps, a tenth to a fifth of the 256-511 steps that `parse.hop: auto` leaves the head;
-# mean and max pooling over time then summarise the whole signal.
-KERNELS_1D = (7, 5, 5, 3)
-DILATIONS_1D = (1, 2, 4, 8)
-
-
 def _conv1d_block(in_channels: int, out_channels: int, kernel: int, dilation: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv1d(in_channels, out_channels, kernel, padding=dilation * (kernel - 1) // 2, dilation=dilation, bias=False),
@@ -221,7 +241,7 @@ class TimeHead(nn.Module):
         super().__init__()
         widths = (args.input_channels, *args.channels)
         self.input_norm = nn.BatchNorm1d(args.input_channels)  # per scale: scales differ in energy by decades
-        for index, (kernel, dilation) in enumerate(zip(KERNELS_1D, DILATIONS_1D), start=1):
+        for index, (kernel, dilation) in enumerate(zip(KERNELS_1D, args.dilations), start=1):
             setattr(self, f"conv{index}", _conv1d_block(widths[index - 1], widths[index], kernel, dilation))
         self.fc1 = nn.Linear(2 * args.channels[-1], args.hidden)
         self.dropout = nn.Dropout(args.dropout)
@@ -232,6 +252,12 @@ class TimeHead(nn.Module):
         x = self.conv4(self.conv3(self.conv2(self.conv1(x))))  # (B, c4, T)
         x = torch.cat([x.mean(dim=-1), x.amax(dim=-1)], dim=1)  # (B, 2 c4)
         return self.fc2(self.dropout(F.relu(self.fc1(x))))
+
+
+def signed_log1p(x: torch.Tensor) -> torch.Tensor:
+    """sign(x) log(1 + |x|): compresses decades of energy like log1p, and keeps signed responses
+    (`magnitude: none`, the raw channel) finite, where log1p of a value below -1 is NaN."""
+    return torch.sign(x) * torch.log1p(x.abs())
 
 
 def average_probabilities(logits: list[torch.Tensor]) -> torch.Tensor:
@@ -250,7 +276,7 @@ class HybridCWTNet(nn.Module):
         if bank is None:  # rebuilt from a checkpoint: the state dict brings the real filters
             bank = torch.zeros(args.n_filters, args.kernel_size)
         self.args = args
-        self.frontend = CWTFrontEnd(bank, hop=args.hop, magnitude=args.magnitude)
+        self.frontend = CWTFrontEnd(bank, hop=args.hop, magnitude=args.magnitude, decimate=args.decimate)
         if args.head == "1d":
             if args.members < 1:
                 raise CwtopsError(f"an ensemble needs at least one member, got members={args.members}")
@@ -292,7 +318,7 @@ class HybridCWTNet(nn.Module):
         """(B, S, T) -> logits (B, C); an ensemble's are the log of its mean probabilities."""
         if self.args.head == "1d":
             return average_probabilities(self.member_logits(scalogram))
-        x = torch.log1p(scalogram).unsqueeze(1)  # (B, 1, S, T)
+        x = signed_log1p(scalogram).unsqueeze(1)  # (B, 1, S, T)
         x = self.input_norm(x)
         x = self.conv4(self.conv3(self.conv2(self.conv1(x))))  # (B, c4, S/16, T/16)
         x = x.mean(dim=-1).flatten(1)  # (B, c4 * S/16)
@@ -301,11 +327,7 @@ class HybridCWTNet(nn.Module):
 
     def member_logits(self, scalogram: torch.Tensor) -> list[torch.Tensor]:
         """Each ensemble member's logits (1-D head): what training fits, one loss per member."""
-        scales = self.args.n_filters
-        features = torch.log1p(scalogram[:, :scales])
-        if self.args.raw_channel:  # the signal is signed: a signed log1p compresses its spikes, as for the magnitudes
-            raw = scalogram[:, scales:]
-            features = torch.cat([features, torch.sign(raw) * torch.log1p(raw.abs())], dim=1)
+        features = signed_log1p(scalogram)  # the raw channel, and every response under `magnitude: none`, is signed
         return [member(features) for member in self.members]
 
     def training_head(self, scalogram: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
@@ -319,7 +341,9 @@ class HybridCWTNet(nn.Module):
 def head_flops(args: ModelArgs) -> dict[str, int]:
     """Multiply-accumulates x2 per signal for each layer (forward pass; an ensemble's summed)."""
     height, width = args.n_filters, -(-args.signal_length // args.hop)
-    flops = {"frontend": 2 * args.n_filters * args.kernel_size * width}
+    # the averaged front-end computes every sample's response, the sampled one every hop-th
+    computed = args.signal_length if args.decimate == "mean" and args.hop > 1 else width
+    flops = {"frontend": 2 * args.n_filters * args.kernel_size * computed}
     if args.head == "1d":
         widths = (args.input_channels, *args.channels)
         for index, kernel in enumerate(KERNELS_1D, start=1):
@@ -355,6 +379,7 @@ def checkpoint_dict(
     """A checkpoint that describes itself: rebuildable with no code-side configuration."""
     args = asdict(model.args)
     args["channels"] = list(args["channels"])
+    args["dilations"] = list(args["dilations"])
     return {
         "format": CHECKPOINT_FORMAT,
         "model_args": args,
@@ -374,6 +399,8 @@ def model_from_checkpoint(checkpoint: dict, source: str = "<checkpoint>") -> Hyb
         )
     raw_args = dict(checkpoint["model_args"])
     raw_args["channels"] = tuple(raw_args["channels"])
+    if "dilations" in raw_args:
+        raw_args["dilations"] = tuple(raw_args["dilations"])
     model = HybridCWTNet(ModelArgs(**raw_args))
     model.load_state_dict(checkpoint["state_dict"])
     model.eval()
