@@ -57,6 +57,8 @@ SMALL_SET = 150  # training signals, at most
 # development sets up to SMALL_SET signals it moved the mean by +0.4 points, from gains on small test
 # sets (ArrowHead +5.7, Lightning7 +5.5, ACSF1 +4.0) and losses on large ones (FreezerSmallTrain
 # -3.3 on 2,850 test signals, Mallat -1.0); it is an option, not the default (BENCHMARKS.md).
+WIDE_CHANNELS, WIDE_HIDDEN = (64, 64, 128, 128), 128
+NARROW_CHANNELS, NARROW_HIDDEN = (32, 32, 64, 64), 64
 # The 1-D head's dilations: conv1..conv4 (kernels 7, 5, 5, 3) at DILATION_PATTERN times a unit d see
 # 1 + 86 d time steps; `auto` picks d so that this receptive field is about the T steps the head sees.
 # On the development list the field mattered most where the sets were furthest behind (one seed):
@@ -64,8 +66,6 @@ SMALL_SET = 150  # training signals, at most
 # 0.774, 0.808, 0.831, 0.810 (BENCHMARKS.md, what was tried).
 DILATION_PATTERN = (1, 4, 8, 16)
 PATTERN_FIELD = 86  # (7 - 1) * 1 + (5 - 1) * 4 + (5 - 1) * 8 + (3 - 1) * 16
-WIDE_CHANNELS, WIDE_HIDDEN = (64, 64, 128, 128), 128
-NARROW_CHANNELS, NARROW_HIDDEN = (32, 32, 64, 64), 64
 
 
 def auto_hop(signal_length: int) -> int:
