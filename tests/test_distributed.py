@@ -34,7 +34,9 @@ def test_torchrun_two_processes_on_cpu_match_one_process(built_project: Path, se
     # (114 signals) and models good enough that "within noise" means a few signals.
     raw = yaml.safe_load((project / "params.yaml").read_text())
     raw["balance"].update({"samples_per_class": None, "val_fraction": 0.15})  # a validation split the ranks share
-    raw["train"].update({"epochs": 25, "patience": 25, "input": input_mode})
+    # The comparison, not the head, is under test: the 25-epoch schedule and the 0.85 floor below were
+    # set with the 47-step receptive field, which this small set reaches sooner than the derived one.
+    raw["train"].update({"epochs": 25, "patience": 25, "input": input_mode, "dilations": [1, 2, 4, 8]})
     (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     env = {**services_env, "GLOO_SOCKET_IFNAME": "lo"}
     run([str(BIN / "cwtops"), "stage", "balance"], project, env)
