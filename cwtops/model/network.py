@@ -6,7 +6,7 @@ Shapes (S = 112 filters; T = L // hop time steps, 256-511 with `parse.hop: auto`
     scalogram   (B, S, T)      frozen front-end, |x * psi_s| averaged over every `hop` samples
                                (`decimate: mean`) or read at every hop-th one (`sample`)
     head "1d"   conv1..conv4   (the default) 1-D over time, the S scales as input channels:
-                               kernels 7, 5, 5, 3, dilations 1, 4, 8, 16 (`train.dilations`), BatchNorm + ReLU
+                               kernels 7, 5, 5, 3, dilations d x (1, 4, 8, 16) (`train.dilations`), BatchNorm + ReLU
                                -> (B, c4, T) -> mean and max over time -> (B, 2 c4)
                 fc1, fc2       -> logits (B, C); an ensemble of N such heads outputs the log of
                                their mean probability
@@ -18,7 +18,8 @@ Shapes (S = 112 filters; T = L // hop time steps, 256-511 with `parse.hop: auto`
 Cost per signal with the defaults on the sample data (L 2048, hop 8, K = 257 taps; channels 64,
 64, 128, 128; hidden 128): front-end 2 * S * K * L = 118 MFLOP averaged (`decimate: mean`, every
 sample's response) or 2 * S * K * T = 14.7 MFLOP sampled (one strided convolution); head conv1
-25.7 + conv2 10.5 + conv3 21.0 + conv4 25.2 = 82.4 MFLOP forward per member, about 3x that to train. The front-end is frozen, so training computes scalograms once and feeds the head from
+25.7 + conv2 10.5 + conv3 21.0 + conv4 25.2 = 82.4 MFLOP forward per member, about 3x that to train.
+The front-end is frozen, so training computes scalograms once and feeds the head from
 memory: an epoch costs only the head (`head_flops` counts it for any configuration).
 
 The front-end holds the filter bank as buffers, never as parameters, so no optimizer can see it.
@@ -168,8 +169,8 @@ def _fast_size(n: int) -> int:
 
 # 1-D head: kernel sizes of conv1..conv4, and the dilations checkpoints from before `train.dilations`
 # was a setting were built with (receptive field 1 + 6 + 8 + 16 + 16 = 47 time steps). The default
-# now is 1, 4, 8, 16: 1 + 6 + 16 + 32 + 32 = 87 steps, a sixth to a third of the 256-511 that
-# `parse.hop: auto` leaves the head; mean and max pooling over time then summarise the whole signal.
+# now is derived (`train.dilations: auto`, cwtops/core/derived.py): d x (1, 4, 8, 16), a field about
+# as long as the T steps the head sees; mean and max pooling over time then summarise the signal.
 KERNELS_1D = (7, 5, 5, 3)
 DILATIONS_1D = (1, 2, 4, 8)
 
