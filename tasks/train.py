@@ -394,7 +394,7 @@ def _write_history(path: Path, history: list[dict]) -> None:
 def model_args(cfg: TrainConfig, magnitude: str, n_filters: int, kernel_size: int, n_classes: int, signal_length: int,
                hop: int, members: int = 1, channels: tuple[int, int, int, int] = WIDE_CHANNELS,
                hidden: int = WIDE_HIDDEN, raw_channel: bool = False, decimate: str = "sample",
-               dilations: tuple[int, int, int, int] = DILATIONS_1D) -> ModelArgs:
+               dilations: tuple = (DILATIONS_1D,)) -> ModelArgs:
     """The head's shape: params.yaml's settings with the resolved (`auto`) values passed in."""
     return ModelArgs(
         n_filters=n_filters,

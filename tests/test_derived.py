@@ -8,6 +8,7 @@ import torch
 
 from cwtops.core import derived
 from cwtops.core.config import BalanceConfig, params_from_dict
+from cwtops.core.errors import CwtopsError
 from cwtops.data.weights import fit_warnings, fitted_filter_bank, generate_filter_bank, is_default_bank
 from cwtops.model.network import HybridCWTNet, ModelArgs, receptive_field
 from tasks.balance import balance_manifest
@@ -136,16 +137,27 @@ def test_small_training_sets_get_the_narrow_head_and_explicit_widths_win() -> No
     assert narrow.members >= wide.members
 
 
-@pytest.mark.parametrize(("length", "hop", "dilations"), [
+@pytest.mark.parametrize(("length", "hop", "wide"), [
     (24, "auto", (1, 4, 8, 16)),     # ItalyPowerDemand: 24 steps, the smallest unit (field 87 steps)
     (150, "auto", (2, 8, 16, 32)),   # GunPoint: field 173 for 150 steps
     (319, "auto", (4, 16, 32, 64)),  # Lightning7: field 345 for 319 steps
     (2048, "auto", (3, 12, 24, 48)),  # the sample data at hop 8: 256 steps, field 259
     (2048, 1, (24, 96, 192, 384)),   # an explicit hop: the field follows the steps the head sees
 ])
-def test_the_receptive_field_follows_the_steps_the_head_sees(length: int, hop: int | str, dilations: tuple) -> None:
+def test_the_receptive_field_follows_the_steps_the_head_sees(length: int, hop: int | str, wide: tuple) -> None:
     settings = derived.train_settings(hop, 5, 8, 5, signal_length=length, n_train=50, dilations="auto")
-    assert settings.dilations == dilations and "train.dilations" in settings.derived
+    # two branches: the wide one, whose field is about the steps the head sees, and the near one
+    assert settings.dilations == (wide, derived.NEAR_DILATIONS) and "train.dilations" in settings.derived
     steps = -(-length // settings.hop)
-    assert abs(receptive_field(settings.dilations) - steps) <= derived.PATTERN_FIELD // 2 or steps < derived.PATTERN_FIELD
-    assert derived.train_settings(hop, 5, 8, 5, signal_length=length, n_train=50, dilations=(1, 2, 4, 8)).dilations == (1, 2, 4, 8)
+    assert abs(receptive_field(settings.dilations[0]) - steps) <= derived.PATTERN_FIELD // 2 or steps < derived.PATTERN_FIELD
+    assert receptive_field(derived.NEAR_DILATIONS) == 47
+    explicit = derived.train_settings(hop, 5, 8, 5, signal_length=length, n_train=50, dilations=(1, 2, 4, 8))
+    assert explicit.dilations == ((1, 2, 4, 8),) and "train.dilations" not in explicit.derived
+    branches = derived.train_settings(hop, 5, 8, 5, signal_length=length, n_train=50, dilations=[(1, 2, 4, 8), (2, 2, 2, 2)])
+    assert branches.dilations == ((1, 2, 4, 8), (2, 2, 2, 2))
+
+
+@pytest.mark.parametrize("bad", [(1, 2, 4), [(1, 2, 4, 8), (1, 0, 1, 1)], ()])
+def test_dilations_that_are_not_four_positive_ints_per_branch_are_refused(bad) -> None:
+    with pytest.raises(CwtopsError, match="train.dilations"):
+        derived.as_branches(bad)

@@ -9,6 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from cwtops.core.errors import CwtopsError
 from cwtops.model.network import (
     DILATIONS_1D,
     CWTFrontEnd,
@@ -183,18 +184,44 @@ def test_1d_head_checkpoint_round_trip_and_old_checkpoints_stay_2d(tmp_path) -> 
     torch.save(checkpoint_dict(model, ["a", "b", "c"], "sha", {}), tmp_path / "m.pt")
     rebuilt, _ = load_checkpoint(tmp_path / "m.pt")
     signal = torch.randn(2, 1, 40)
-    assert rebuilt.args.head == "1d" and rebuilt.args.members == 2 and rebuilt.args.dilations == (1, 3, 5, 7)
+    assert rebuilt.args.head == "1d" and rebuilt.args.members == 2 and rebuilt.args.dilations == ((1, 3, 5, 7),)
     assert [rebuilt.members[0].get_submodule(f"conv{i}")[0].dilation[0] for i in (1, 2, 3, 4)] == [1, 3, 5, 7]
     assert torch.allclose(rebuilt(signal), model(signal))
     written_before = checkpoint_dict(HybridCWTNet(replace(args, dilations=DILATIONS_1D), matrix), ["a", "b", "c"], "sha", {})
     del written_before["model_args"]["dilations"], written_before["model_args"]["decimate"]
     torch.save(written_before, tmp_path / "old.pt")  # from before dilations and decimation were settings
     old, _ = load_checkpoint(tmp_path / "old.pt")
-    assert old.args.dilations == (1, 2, 4, 8) and old.args.decimate == "sample"
+    assert old.args.dilations == ((1, 2, 4, 8),) and old.args.decimate == "sample"
     flops = head_flops(args)
     assert flops["conv1"] == 2 * 2 * 40 * 16 * 4 * 7  # members x 2 x T x in x out x kernel
     with pytest.raises(Exception, match="ensembles and the raw channel are built from the 1-D head"):
         HybridCWTNet(ModelArgs(n_filters=16, kernel_size=matrix.shape[1], n_classes=3, signal_length=256, members=2), matrix)
+
+
+@pytest.mark.parametrize("members", [1, 2])
+def test_branched_dilations_split_each_conv_export_to_a_matching_graph_and_round_trip(members: int, tmp_path) -> None:
+    _, matrix = random_bank(seed=9, n_filters=16)
+    branches = ((3, 12, 24, 48), (1, 2, 4, 8))
+    args = ModelArgs(n_filters=16, kernel_size=matrix.shape[1], n_classes=3, signal_length=120, hop=1, head="1d",
+                     members=members, channels=(7, 8, 8, 10), hidden=6, dilations=[list(b) for b in branches])
+    assert args.dilations == branches  # lists, as params.yaml and checkpoints carry them, become branches
+    model = _trained_like(HybridCWTNet(args, matrix), seed=members)
+    conv1, conv4 = model.members[0].conv1, model.members[0].conv4
+    # each layer's output channels split between the branches (the first takes the remainder)
+    assert [b.out_channels for b in conv1.branches] == [4, 3] and [b.dilation[0] for b in conv1.branches] == [3, 1]
+    assert [b.dilation[0] for b in conv4.branches] == [48, 8] and conv4.norm.num_features == 10
+    assert sum(p.numel() for p in conv1.branches.parameters()) == 16 * 7 * 7  # one conv's weights, split
+    session = ort.InferenceSession(onnx_bytes(model, 120, 18, dynamic_length=False))
+    for batch in (1, 9):
+        signal = torch.randn(batch, 1, 120)
+        (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: signal.numpy()})
+        assert np.abs(logits - model(signal).detach().numpy()).max() < 1e-4
+    torch.save(checkpoint_dict(model, ["a", "b", "c"], "sha", {}), tmp_path / "m.pt")
+    rebuilt, _ = load_checkpoint(tmp_path / "m.pt")
+    signal = torch.randn(2, 1, 120)
+    assert rebuilt.args.dilations == branches and torch.allclose(rebuilt(signal), model(signal))
+    with pytest.raises(CwtopsError, match="splits its channels"):
+        replace(args, channels=(1, 8, 8, 8))
 
 
 def test_parity_judges_each_logit_against_atol_plus_rtol_times_its_size() -> None:

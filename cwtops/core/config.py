@@ -87,9 +87,10 @@ class TrainConfig(Section):
     # 1d head: the standardised signal as one more input channel beside the scales; auto: for small training sets
     raw_channel: bool | Auto = False
     hidden: Annotated[int, Field(ge=1)] | Auto = "auto"
-    # 1d head: conv1..conv4's dilations (kernels 7, 5, 5, 3); auto: a receptive field about as long
-    # as the T steps the head sees (d x (1, 4, 8, 16), cwtops/core/derived.py)
-    dilations: tuple[int, int, int, int] | Auto = "auto"
+    # 1d head: conv1..conv4's dilations (kernels 7, 5, 5, 3): four ints, or a list of such lists, the
+    # branches each conv's channels are split between; auto: a wide branch whose receptive field is
+    # about the T steps the head sees (d x (1, 4, 8, 16)) and a near one, (1, 2, 4, 8) (cwtops/core/derived.py)
+    dilations: tuple[int, int, int, int] | list[tuple[int, int, int, int]] | Auto = "auto"
     dropout: float = Field(0.1, ge=0, lt=1)
     stem: Literal["pool", "strided"] = "strided"  # 2d head: a stride-2 conv1, or conv1 + 2x2 max-pool (4x the cost)
     # augmentation, on the scalogram: a random shift in time of up to this share of its length
@@ -106,8 +107,11 @@ class TrainConfig(Section):
 
     @field_validator("channels", "dilations")
     @classmethod
-    def _positive(cls, value: tuple[int, ...] | str) -> tuple[int, ...] | str:
-        if not isinstance(value, str) and any(c < 1 for c in value):
+    def _positive(cls, value: tuple | list | str) -> tuple | list | str:
+        if isinstance(value, str):
+            return value
+        flat = [c for item in value for c in (item if isinstance(item, tuple) else (item,))]
+        if not flat or any(c < 1 for c in flat):
             raise ValueError("every value must be at least 1")
         return value
 

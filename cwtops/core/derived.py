@@ -13,6 +13,8 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from cwtops.core.errors import CwtopsError
+
 AUTO = "auto"
 
 # The head sees T = L // hop time steps; hop is chosen so T lies in [TARGET_STEPS, 2 * TARGET_STEPS)
@@ -63,9 +65,12 @@ NARROW_CHANNELS, NARROW_HIDDEN = (32, 32, 64, 64), 64
 # 1 + 86 d time steps; `auto` picks d so that this receptive field is about the T steps the head sees.
 # On the development list the field mattered most where the sets were furthest behind (one seed):
 # Lightning7 (T 319) 0.616 at 47 steps, 0.726 at 87, 0.753 at 173, 0.795 at 345; CricketX (T 300)
-# 0.774, 0.808, 0.831, 0.810 (BENCHMARKS.md, what was tried).
+# 0.774, 0.808, 0.831, 0.810. Others preferred the near field: Computers 0.764 at 47, 0.672 at 345;
+# FreezerSmallTrain 0.870 and 0.789. So `auto` gives every conv two branches, half its channels each:
+# the wide one and NEAR_DILATIONS (47 steps), and the layers mix them (BENCHMARKS.md, what was tried).
 DILATION_PATTERN = (1, 4, 8, 16)
 PATTERN_FIELD = 86  # (7 - 1) * 1 + (5 - 1) * 4 + (5 - 1) * 8 + (3 - 1) * 16
+NEAR_DILATIONS = (1, 2, 4, 8)
 
 
 def auto_hop(signal_length: int) -> int:
@@ -102,10 +107,30 @@ def auto_width(n_train: int) -> tuple[tuple[int, int, int, int], int]:
     return (NARROW_CHANNELS, NARROW_HIDDEN) if n_train <= SMALL_SET else (WIDE_CHANNELS, WIDE_HIDDEN)
 
 
-def auto_dilations(steps: int) -> tuple[int, int, int, int]:
+Branches = tuple[tuple[int, int, int, int], ...]
+
+
+def wide_dilations(steps: int) -> tuple[int, int, int, int]:
     """conv1..conv4's dilations whose receptive field (1 + 86 d steps) is about `steps`, d >= 1."""
     unit = max(1, round((steps - 1) / PATTERN_FIELD))
     return tuple(unit * d for d in DILATION_PATTERN)
+
+
+def auto_dilations(steps: int) -> Branches:
+    """Two branches: the wide one (a field about `steps`) and the near one (47 steps)."""
+    return (wide_dilations(steps), NEAR_DILATIONS)
+
+
+def as_branches(dilations) -> Branches:  # noqa: ANN001 - four ints, or a sequence of such
+    """Four ints are one branch; a list of such lists is one branch each."""
+    values = list(dilations)
+    if values and all(isinstance(value, int) for value in values):
+        values = [values]
+    branches = tuple(tuple(int(d) for d in branch) for branch in values)
+    if not branches or any(len(branch) != len(DILATION_PATTERN) or min(branch) < 1 for branch in branches):
+        raise CwtopsError(f"train.dilations: four positive ints (conv1..conv4), or a list of such lists "
+                          f"(branches that split each conv's channels), got {dilations!r}")
+    return branches
 
 
 def auto_raw_channel(n_train: int) -> bool:
@@ -140,7 +165,7 @@ class TrainSettings:
     channels: tuple[int, int, int, int] = WIDE_CHANNELS  # conv1..conv4 widths
     hidden: int = WIDE_HIDDEN  # fc1 width
     raw_channel: bool = False  # the standardised signal as one more input channel (1-D head)
-    dilations: tuple[int, int, int, int] = DILATION_PATTERN  # 1-D head: conv1..conv4
+    dilations: Branches = (DILATION_PATTERN,)  # 1-D head: conv1..conv4's, one tuple per branch
 
     def summary(self) -> dict:
         values = asdict(self)
@@ -166,7 +191,7 @@ def train_settings(hop: int | str, epochs: int | str, batch_size: int | str, pat
                    input_mode: str = "memory", input_bytes: Callable[[int], int] = lambda hop: 0,
                    max_steps: int | None = None, channels: tuple[int, int, int, int] | str = WIDE_CHANNELS,
                    hidden: int | str = WIDE_HIDDEN, raw_channel: bool | str = False,
-                   dilations: tuple[int, int, int, int] | str = DILATION_PATTERN) -> TrainSettings:
+                   dilations: tuple | list | str = DILATION_PATTERN) -> TrainSettings:
     """Resolve every `auto` among the train stage's settings from the data's shape.
 
     `forward_flops(hop, channels, hidden)` is one head's forward cost per signal (`head_flops`);
@@ -185,7 +210,7 @@ def train_settings(hop: int | str, epochs: int | str, batch_size: int | str, pat
     if dilations == AUTO:
         derived.append("train.dilations")
     steps = -(-signal_length // resolved_hop)
-    resolved_dilations = auto_dilations(steps) if dilations == AUTO else tuple(dilations)
+    resolved_dilations = auto_dilations(steps) if dilations == AUTO else as_branches(dilations)
     flops = forward_flops(resolved_hop, resolved_channels, resolved_hidden)
     resolved_batch = resolve(batch_size, lambda: auto_batch_size(n_train), "train.batch_size", derived)
     resolved_members = resolve(members, lambda: auto_members(n_train, flops, resolved_batch), "train.members", derived)

@@ -6,7 +6,9 @@ Shapes (S = 112 filters; T = L // hop time steps, 256-511 with `parse.hop: auto`
     scalogram   (B, S, T)      frozen front-end, |x * psi_s| averaged over every `hop` samples
                                (`decimate: mean`) or read at every hop-th one (`sample`)
     head "1d"   conv1..conv4   (the default) 1-D over time, the S scales as input channels:
-                               kernels 7, 5, 5, 3, dilations d x (1, 4, 8, 16) (`train.dilations`), BatchNorm + ReLU
+                               kernels 7, 5, 5, 3, BatchNorm + ReLU; each conv's outputs split between
+                               branches of different dilations (`train.dilations`; auto: a wide one,
+                               d x (1, 4, 8, 16), whose field is the signal, and a near one, (1, 2, 4, 8))
                                -> (B, c4, T) -> mean and max over time -> (B, 2 c4)
                 fc1, fc2       -> logits (B, C); an ensemble of N such heads outputs the log of
                                their mean probability
@@ -42,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cwtops.core.derived import as_branches
 from cwtops.core.errors import CwtopsError
 
 CHECKPOINT_FORMAT = "cwtops-checkpoint/1"
@@ -169,14 +172,16 @@ def _fast_size(n: int) -> int:
 
 # 1-D head: kernel sizes of conv1..conv4, and the dilations checkpoints from before `train.dilations`
 # was a setting were built with (receptive field 1 + 6 + 8 + 16 + 16 = 47 time steps). The default
-# now is derived (`train.dilations: auto`, cwtops/core/derived.py): d x (1, 4, 8, 16), a field about
-# as long as the T steps the head sees; mean and max pooling over time then summarise the signal.
+# now is derived (`train.dilations: auto`, cwtops/core/derived.py): two branches per conv, one whose
+# field is about the T steps the head sees and one with this near field; mean and max pooling over
+# time then summarise the signal.
 KERNELS_1D = (7, 5, 5, 3)
 DILATIONS_1D = (1, 2, 4, 8)
+Branches = tuple[tuple[int, int, int, int], ...]
 
 
 def receptive_field(dilations: tuple[int, ...]) -> int:
-    """Time steps one output of conv4 sees."""
+    """Time steps one output of conv4 sees along one branch of dilations."""
     return 1 + sum((kernel - 1) * dilation for kernel, dilation in zip(KERNELS_1D, dilations))
 
 
@@ -205,7 +210,15 @@ class ModelArgs:
     # How the front-end decimates by `hop` (parse.decimate): "mean" averages each filter's magnitude
     # over the hop, "sample" reads every hop-th sample. Checkpoints written before: "sample".
     decimate: Decimate = "sample"
-    dilations: tuple[int, int, int, int] = DILATIONS_1D  # 1-D head: conv1..conv4 (train.dilations)
+    # 1-D head: conv1..conv4's dilations, one tuple per branch (train.dilations); one branch is one
+    # Conv1d per layer, as checkpoints from before branches were written. Four ints are one branch.
+    dilations: Branches = (DILATIONS_1D,)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dilations", as_branches(self.dilations))
+        if self.head == "1d" and min(self.channels) < len(self.dilations):
+            raise CwtopsError(f"each of conv1..conv4 splits its channels {self.channels} between "
+                              f"{len(self.dilations)} branches of dilations: widen train.channels or use fewer branches")
 
     @property
     def input_channels(self) -> int:
@@ -235,6 +248,31 @@ def _conv1d_block(in_channels: int, out_channels: int, kernel: int, dilation: in
     )
 
 
+class _BranchedConv1d(nn.Module):
+    """One conv layer as parallel dilated convolutions whose outputs are concatenated (the layer's
+    channels split between them, the first taking any remainder), then BatchNorm + ReLU: near and
+    far context at every depth, for the arithmetic of one convolution."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, dilations: tuple[int, ...]) -> None:
+        super().__init__()
+        share = out_channels // len(dilations)
+        widths = [out_channels - share * (len(dilations) - 1)] + [share] * (len(dilations) - 1)
+        self.branches = nn.ModuleList(
+            nn.Conv1d(in_channels, width, kernel, padding=dilation * (kernel - 1) // 2, dilation=dilation, bias=False)
+            for width, dilation in zip(widths, dilations)
+        )
+        self.norm = nn.BatchNorm1d(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.norm(torch.cat([branch(x) for branch in self.branches], dim=1)))
+
+
+def _time_conv(in_channels: int, out_channels: int, kernel: int, dilations: tuple[int, ...]) -> nn.Module:
+    if len(dilations) == 1:  # the single-branch layout (and state-dict keys) of earlier checkpoints
+        return _conv1d_block(in_channels, out_channels, kernel, dilations[0])
+    return _BranchedConv1d(in_channels, out_channels, kernel, dilations)
+
+
 class TimeHead(nn.Module):
     """conv1..conv4 over time (scales as channels), mean and max over time, fc1, fc2 -> logits."""
 
@@ -242,8 +280,9 @@ class TimeHead(nn.Module):
         super().__init__()
         widths = (args.input_channels, *args.channels)
         self.input_norm = nn.BatchNorm1d(args.input_channels)  # per scale: scales differ in energy by decades
-        for index, (kernel, dilation) in enumerate(zip(KERNELS_1D, args.dilations), start=1):
-            setattr(self, f"conv{index}", _conv1d_block(widths[index - 1], widths[index], kernel, dilation))
+        for index, kernel in enumerate(KERNELS_1D, start=1):
+            layer_dilations = tuple(branch[index - 1] for branch in args.dilations)
+            setattr(self, f"conv{index}", _time_conv(widths[index - 1], widths[index], kernel, layer_dilations))
         self.fc1 = nn.Linear(2 * args.channels[-1], args.hidden)
         self.dropout = nn.Dropout(args.dropout)
         self.fc2 = nn.Linear(args.hidden, args.n_classes)
@@ -380,7 +419,7 @@ def checkpoint_dict(
     """A checkpoint that describes itself: rebuildable with no code-side configuration."""
     args = asdict(model.args)
     args["channels"] = list(args["channels"])
-    args["dilations"] = list(args["dilations"])
+    args["dilations"] = [list(branch) for branch in args["dilations"]]
     return {
         "format": CHECKPOINT_FORMAT,
         "model_args": args,
@@ -400,8 +439,6 @@ def model_from_checkpoint(checkpoint: dict, source: str = "<checkpoint>") -> Hyb
         )
     raw_args = dict(checkpoint["model_args"])
     raw_args["channels"] = tuple(raw_args["channels"])
-    if "dilations" in raw_args:
-        raw_args["dilations"] = tuple(raw_args["dilations"])
     model = HybridCWTNet(ModelArgs(**raw_args))
     model.load_state_dict(checkpoint["state_dict"])
     model.eval()
