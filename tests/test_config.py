@@ -23,11 +23,19 @@ def test_shipped_params_validate() -> None:
         ({"balance": {"cap_factor": -1}}, "'balance.cap_factor'"),
         ({"base": {"model_name": "../evil"}}, "'base.model_name'"),
         ({"rollout": {"promotion": "sometimes"}}, "'rollout.promotion'"),
+        ({"train": {"dilations": []}}, "'train.dilations'"),
+        ({"train": {"dilations": [[1, 2, 4, 8], [1, 0, 2, 2]]}}, "'train.dilations'"),
     ],
 )
 def test_bad_params_name_the_key(raw: dict, message: str) -> None:
     with pytest.raises(CwtopsError, match=message.replace(".", r"\.")):
         params_from_dict(raw, "params.yaml")
+
+
+def test_dilations_take_one_branch_or_a_list_of_branches() -> None:
+    assert params_from_dict({"train": {"dilations": [1, 2, 4, 8]}}, "p").train.dilations == (1, 2, 4, 8)
+    two = params_from_dict({"train": {"dilations": [[3, 12, 24, 48], [1, 2, 4, 8]]}}, "p").train.dilations
+    assert [tuple(branch) for branch in two] == [(3, 12, 24, 48), (1, 2, 4, 8)]
 
 
 def test_code_defaults_equal_the_shipped_params_yaml() -> None:

@@ -110,8 +110,10 @@ class TrainConfig(Section):
     def _positive(cls, value: tuple | list | str) -> tuple | list | str:
         if isinstance(value, str):
             return value
+        if not value:
+            raise ValueError("give four values (conv1..conv4), or for dilations a list of such branches")
         flat = [c for item in value for c in (item if isinstance(item, tuple) else (item,))]
-        if not flat or any(c < 1 for c in flat):
+        if any(c < 1 for c in flat):
             raise ValueError("every value must be at least 1")
         return value
 
