@@ -187,6 +187,11 @@ def test_1d_head_checkpoint_round_trip_and_old_checkpoints_stay_2d(tmp_path) -> 
     assert rebuilt.args.head == "1d" and rebuilt.args.members == 2 and rebuilt.args.dilations == ((1, 3, 5, 7),)
     assert [rebuilt.members[0].get_submodule(f"conv{i}")[0].dilation[0] for i in (1, 2, 3, 4)] == [1, 3, 5, 7]
     assert torch.allclose(rebuilt(signal), model(signal))
+    one_flat_branch = checkpoint_dict(model, ["a", "b", "c"], "sha", {})
+    one_flat_branch["model_args"]["dilations"] = [1, 3, 5, 7]  # as written before dilations had branches
+    torch.save(one_flat_branch, tmp_path / "flat.pt")
+    flat, _ = load_checkpoint(tmp_path / "flat.pt")
+    assert flat.args.dilations == ((1, 3, 5, 7),) and torch.allclose(flat(signal), model(signal))
     written_before = checkpoint_dict(HybridCWTNet(replace(args, dilations=DILATIONS_1D), matrix), ["a", "b", "c"], "sha", {})
     del written_before["model_args"]["dilations"], written_before["model_args"]["decimate"]
     torch.save(written_before, tmp_path / "old.pt")  # from before dilations and decimation were settings

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cwtops.core.derived import as_branches
+from cwtops.core.derived import Branches, as_branches
 from cwtops.core.errors import CwtopsError
 
 CHECKPOINT_FORMAT = "cwtops-checkpoint/1"
@@ -177,7 +177,6 @@ def _fast_size(n: int) -> int:
 # time then summarise the signal.
 KERNELS_1D = (7, 5, 5, 3)
 DILATIONS_1D = (1, 2, 4, 8)
-Branches = tuple[tuple[int, int, int, int], ...]
 
 
 def receptive_field(dilations: tuple[int, ...]) -> int:
