@@ -138,17 +138,20 @@ def keep_float_input(model: onnx.ModelProto, scope: str) -> int:
     """
     graph, changed = model.graph, 0
     producer = {out: node for node in graph.node for out in node.output}
+    bypassed: list[onnx.NodeProto] = []  # DequantizeLinear, then its QuantizeLinear, in that order
     for conv in [n for n in graph.node if n.op_type == "Conv" and scope in n.name]:
         dq = producer.get(conv.input[0])
         q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
         if q is None or q.op_type != "QuantizeLinear":
             continue
         conv.input[0] = q.input[0]
-        if not any(dq.output[0] in n.input for n in graph.node if n is not conv):
-            graph.node.remove(dq)
-        if not any(q.output[0] in n.input for n in graph.node if n is not dq):
-            graph.node.remove(q)
+        bypassed += [node for node in (dq, q) if not any(node is seen for seen in bypassed)]
         changed += 1
+    # Once every Conv is rewired: drop the pairs nothing reads any more. Several Convs can share one
+    # pair (a layer's branches of dilations all read the same input), and another reader keeps it.
+    for node in bypassed:
+        if not any(node.output[0] in other.input for other in graph.node if other is not node):
+            graph.node.remove(node)
     return changed
 
 

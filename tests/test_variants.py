@@ -150,6 +150,26 @@ def test_int8_conv1_reads_float_activations_with_int8_weights(tiny_model: Path, 
     assert np.mean(predict(session(target), signals).argmax(1) == reference.argmax(1)) >= 0.8
 
 
+def test_int8_conv1_float_input_with_branches_that_share_one_input(tmp_path: Path) -> None:
+    """The default 1-D head's conv1 is two Convs (branches of dilations) reading one quantized input."""
+    torch.manual_seed(0)
+    t = torch.arange(-16, 17, dtype=torch.float32)
+    bank = torch.stack([torch.cos(0.1 * (k + 1) * t) * torch.exp(-(t**2) / 64) for k in range(16)])
+    args = ModelArgs(n_filters=16, kernel_size=33, n_classes=3, signal_length=TINY_LENGTH, head="1d", channels=(4, 4, 8, 8),
+                     hidden=8, hop=1, dilations=((2, 8, 16, 32), (1, 2, 4, 8)))
+    source = tmp_path / "branched.onnx"
+    source.write_bytes(onnx_bytes(HybridCWTNet(args, bank).eval(), TINY_LENGTH, 18, dynamic_length=False))
+    target = build_int8(source, tmp_path / "int8.onnx", _signals(64, seed=1), VariantsConfig(conv1_float_input=True))
+    graph = onnx.load(str(target)).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    convs = [n for n in graph.node if n.op_type == "Conv" and "/conv1/" in n.name]
+    assert len(convs) == 2 and all(producer[c.input[0]].op_type != "DequantizeLinear" for c in convs)
+    readers = {name for node in graph.node for name in node.input}
+    assert all(o in readers or o in {v.name for v in graph.output} for n in graph.node for o in n.output[:1])  # no orphans
+    signals = _signals(16, seed=2)
+    assert np.mean(predict(session(target), signals).argmax(1) == predict(session(source), signals).argmax(1)) >= 0.8
+
+
 def test_fp16_variant_keeps_float32_inputs_and_outputs(tiny_model: Path, tmp_path: Path) -> None:
     target = build_fp16(tiny_model, tmp_path / "fp16.onnx")
     graph = onnx.load(str(target)).graph
