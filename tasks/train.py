@@ -193,14 +193,29 @@ def epoch_batches(n: int, batch_size: int, generator: torch.Generator, world: Wo
     return batches[:limit] if limit is not None else batches
 
 
-def shift_in_time(batch: torch.Tensor, max_share: float, generator: torch.Generator) -> torch.Tensor:
-    """Each scalogram moved by its own random number of steps (edges repeated): (B, S, T)."""
-    steps = int(max_share * batch.shape[-1])
-    if steps < 1:
+def shift_in_time(batch: torch.Tensor, max_share: float, generator: torch.Generator, max_warp: float = 0.0) -> torch.Tensor:
+    """Each scalogram moved by its own random number of steps (edges repeated), and with `max_warp`
+    also stretched or squeezed about its centre by its own factor in [1 - max_warp, 1 + max_warp]
+    (linear interpolation between neighbouring steps): (B, S, T)."""
+    length = batch.shape[-1]
+    steps = int(max_share * length)
+    if steps < 1 and max_warp <= 0:
         return batch
     offsets = torch.randint(-steps, steps + 1, (batch.shape[0], 1), generator=generator).to(batch.device)
-    index = (torch.arange(batch.shape[-1], device=batch.device) - offsets).clamp_(0, batch.shape[-1] - 1)
-    return batch.gather(-1, index.unsqueeze(1).expand(-1, batch.shape[1], -1))
+    if max_warp <= 0:
+        index = (torch.arange(length, device=batch.device) - offsets).clamp_(0, length - 1)
+        return batch.gather(-1, index.unsqueeze(1).expand(-1, batch.shape[1], -1))
+    factors = 1 + (2 * torch.rand((batch.shape[0], 1), generator=generator) - 1) * max_warp
+    centre = (length - 1) / 2
+    times = torch.arange(length, dtype=torch.float32, device=batch.device)
+    position = (centre + (times - centre) * factors.to(batch.device) - offsets).clamp_(0, length - 1)
+    low = position.floor().long()
+    high = (low + 1).clamp_(max=length - 1)
+    weight = (position - low).unsqueeze(1).to(batch.dtype)
+    channels = batch.shape[1]
+    below = batch.gather(-1, low.unsqueeze(1).expand(-1, channels, -1))
+    above = batch.gather(-1, high.unsqueeze(1).expand(-1, channels, -1))
+    return torch.lerp(below, above, weight)
 
 
 def batch_loss(
@@ -212,7 +227,7 @@ def batch_loss(
     generator: torch.Generator,
 ) -> torch.Tensor:
     """Augmented batch through the head; an ensemble's loss is the sum of its members' losses."""
-    scalograms = shift_in_time(scalograms, cfg.shift, generator)
+    scalograms = shift_in_time(scalograms, cfg.shift, generator, cfg.warp)
     partner, weight = labels, 1.0
     if cfg.mixup > 0:
         weight = float(torch.distributions.Beta(cfg.mixup, cfg.mixup).sample())  # seeded per epoch

@@ -95,6 +95,9 @@ class TrainConfig(Section):
     stem: Literal["pool", "strided"] = "strided"  # 2d head: a stride-2 conv1, or conv1 + 2x2 max-pool (4x the cost)
     # augmentation, on the scalogram: a random shift in time of up to this share of its length
     shift: float = Field(0.1, ge=0, lt=0.5)
+    # augmentation: each scalogram stretched or squeezed in time about its centre by a random factor
+    # in [1 - warp, 1 + warp] (linear interpolation, edges repeated); 0: off
+    warp: float = Field(0.1, ge=0, lt=0.5)
     mixup: float = Field(0.0, ge=0)  # Beta(a, a) mixing of pairs; 0: off
     # memory: scalograms computed once and held; stream: batches read from the raw
     # shards and transformed per batch (flat memory); auto: memory while they fit 1 GiB per process
