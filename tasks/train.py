@@ -1,6 +1,6 @@
 """Stage `train`: fit the head on frozen scalograms, keep the best epoch.
 
-AdamW + a one-cycle cosine schedule, shift (and optional mixup) augmentation on the scalogram,
+AdamW + a one-cycle cosine schedule, shift and time-stretch (and optional mixup) augmentation on the scalogram,
 seeded, resumable from the last epoch. The schedule, hop and validation policy follow the data
 (`auto` in params.yaml, cwtops/core/derived.py). With a validation split the best epoch is chosen by
 validation macro-F1 (early stopping after `patience` epochs without a gain); without one, every
