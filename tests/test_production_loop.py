@@ -91,6 +91,47 @@ def fresh_signals(folder: Path, per_class: int) -> tuple[np.ndarray, np.ndarray]
     return np.concatenate(signals).astype(np.float32), np.array(labels)
 
 
+def with_class0_shift(model, shift: float):  # noqa: ANN001, ANN201 - an onnx.ModelProto
+    """A copy of the export with `shift` added to class 0's logit bias in every fc2."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    changed = 0
+    for initializer in model.graph.initializer:
+        if initializer.name.endswith("fc2.bias"):
+            bias = numpy_helper.to_array(initializer).copy()
+            bias[0] += shift
+            initializer.CopyFrom(numpy_helper.from_array(bias, initializer.name))
+            changed += 1
+    assert changed, "no fc2.bias initializer in the export"
+    return model
+
+
+def shift_that_changes_some(params, signals: np.ndarray) -> float:  # noqa: ANN001
+    """The smallest shift of class 0's bias (doubling from 0.25) that changes the export's
+    prediction on some of `signals` but not on all: how far that takes depends on the trained
+    model's margins, which no fixed shift can know."""
+    import onnx
+    import onnxruntime as ort
+
+    from cwtops.core.paths import artifact_paths
+
+    model = onnx.load(str(artifact_paths(params.base).onnx))
+
+    def predictions(proto) -> np.ndarray:  # noqa: ANN001
+        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, {"signal": signals[:, None, :]})[0].argmax(1)
+
+    production, shift = predictions(model), 0.25
+    while shift <= 1024:
+        changed = float((predictions(with_class0_shift(model, shift)) != production).mean())
+        if 0.0 < changed < 1.0:
+            return shift
+        shift *= 2
+    raise AssertionError("no shift of class 0's bias changes some predictions and not all")
+
+
 def register_shifted_version(params, shift: float = 3.0) -> int:  # noqa: ANN001
     """A version that really differs: the export with `shift` added to class 0's logit bias in
     every fc2, registered with its own parity reference (as a retrained model would be)."""
@@ -98,7 +139,6 @@ def register_shifted_version(params, shift: float = 3.0) -> int:  # noqa: ANN001
 
     import onnx
     import onnxruntime as ort
-    from onnx import numpy_helper
 
     import mlflow
     from cwtops.core.artifacts import sha256_file
@@ -109,15 +149,7 @@ def register_shifted_version(params, shift: float = 3.0) -> int:  # noqa: ANN001
     from tasks.track import run as track_run
 
     paths = artifact_paths(params.base)
-    model = onnx.load(str(paths.onnx))
-    changed = 0
-    for initializer in model.graph.initializer:
-        if initializer.name.endswith("fc2.bias"):
-            bias = numpy_helper.to_array(initializer).copy()
-            bias[0] += shift
-            initializer.CopyFrom(numpy_helper.from_array(bias, initializer.name))
-            changed += 1
-    assert changed, "no fc2.bias initializer in the export"
+    model = with_class0_shift(onnx.load(str(paths.onnx)), shift)
     track_run(params.mlflow, params.base)
     run_id = load_run(params.base)["run_id"]
     with tempfile.TemporaryDirectory() as scratch:
@@ -240,14 +272,14 @@ def test_shadow_agreement_equals_an_offline_computation(in_project: Path, params
 
     production = new_version(params)
     promote(params, production)
-    challenger = register_shifted_version(params, shift=1.5)
+    signals, _ = held_out(in_project)
+    challenger = register_shifted_version(params, shift=shift_that_changes_some(params, signals))
     promote(params, challenger, CHALLENGER_ALIAS)
     outcome = reconcile(params)
     assert outcome.served == production and outcome.challenger["served"] == challenger, outcome
     loop, _ = logging_params(in_project, tmp_path)
     republish(loop, production)
     try:
-        signals, _ = held_out(in_project)
         for start in range(0, len(signals), 7):
             infer(triton_server, params.base.model_name, signals[start:start + 7], request_id=f"s{start}")
         wait_for_rows(loop.monitoring.inference_log, params.base.model_name, len(signals), timeout=30)
