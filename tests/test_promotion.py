@@ -25,16 +25,18 @@ def test_auto_promotes_first_version_and_clear_improvements_only() -> None:
 def test_second_rollout_waits_for_the_first(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("CWTOPS_STATE_DIR", str(tmp_path))
     order: list[str] = []
+    holding = threading.Event()
 
     def first() -> None:
         with rollout_lock():
             order.append("first-in")
+            holding.set()
             time.sleep(0.5)
             order.append("first-out")
 
     thread = threading.Thread(target=first)
     thread.start()
-    time.sleep(0.1)
+    assert holding.wait(10)  # the first holds the lock (a fixed sleep raced a loaded machine)
     with rollout_lock(timeout=5):
         order.append("second-in")
     thread.join()
