@@ -193,7 +193,7 @@ def epoch_batches(n: int, batch_size: int, generator: torch.Generator, world: Wo
     return batches[:limit] if limit is not None else batches
 
 
-def shift_in_time(batch: torch.Tensor, max_share: float, generator: torch.Generator, max_warp: float = 0.0) -> torch.Tensor:
+def augment_in_time(batch: torch.Tensor, max_share: float, generator: torch.Generator, max_warp: float = 0.0) -> torch.Tensor:
     """Each scalogram moved by its own random number of steps (edges repeated), and with `max_warp`
     also stretched or squeezed about its centre by its own factor in [1 - max_warp, 1 + max_warp]
     (linear interpolation between neighbouring steps): (B, S, T)."""
@@ -227,7 +227,7 @@ def batch_loss(
     generator: torch.Generator,
 ) -> torch.Tensor:
     """Augmented batch through the head; an ensemble's loss is the sum of its members' losses."""
-    scalograms = shift_in_time(scalograms, cfg.shift, generator, cfg.warp)
+    scalograms = augment_in_time(scalograms, cfg.shift, generator, cfg.warp)
     partner, weight = labels, 1.0
     if cfg.mixup > 0:
         weight = float(torch.distributions.Beta(cfg.mixup, cfg.mixup).sample())  # seeded per epoch

@@ -265,20 +265,20 @@ def test_signed_responses_stay_finite_and_export(head: str) -> None:
 
 
 def test_time_augmentation_shifts_stretches_and_is_seeded() -> None:
-    from tasks.train import shift_in_time
+    from tasks.train import augment_in_time
 
     ramp = torch.arange(64, dtype=torch.float32).repeat(16, 3, 1)  # (B, S, T): value = time step
-    assert shift_in_time(ramp, 0.0, torch.Generator().manual_seed(0)) is ramp  # both off: untouched
-    shifted = shift_in_time(ramp, 0.1, torch.Generator().manual_seed(0))
+    assert augment_in_time(ramp, 0.0, torch.Generator().manual_seed(0)) is ramp  # both off: untouched
+    shifted = augment_in_time(ramp, 0.1, torch.Generator().manual_seed(0))
     steps = shifted[:, 0, 32] - ramp[:, 0, 32]  # a shift keeps the ramp's slope of 1 away from the edges
     assert torch.equal(shifted[:, :, 10:54] - ramp[:, :, 10:54], steps.view(-1, 1, 1).expand(-1, 3, 44))
     assert steps.abs().max() <= 6 and steps.abs().max() > 0
 
-    warped = shift_in_time(ramp, 0.0, torch.Generator().manual_seed(1), max_warp=0.2)
+    warped = augment_in_time(ramp, 0.0, torch.Generator().manual_seed(1), max_warp=0.2)
     slopes = warped[:, 0, 33] - warped[:, 0, 31]  # twice each signal's stretch factor, about the centre
     assert torch.all((slopes >= 2 * 0.8 - 1e-5) & (slopes <= 2 * 1.2 + 1e-5)), slopes
     assert slopes.std() > 0.05  # every signal its own factor
     assert torch.allclose(warped[:, 1], warped[:, 0]) and torch.allclose(warped[:, 2], warped[:, 0])  # scales alike
     assert warped.min() >= 0 and warped.max() <= 63  # interpolated inside the signal, edges repeated
-    again = shift_in_time(ramp, 0.0, torch.Generator().manual_seed(1), max_warp=0.2)
+    again = augment_in_time(ramp, 0.0, torch.Generator().manual_seed(1), max_warp=0.2)
     assert torch.equal(warped, again)
