@@ -149,12 +149,16 @@ def serve_deployments(*deployments: object) -> None:
     reason = (f"could not pause the deployments' schedules at {api} (is the Prefect server down?); they run again "
               "when `cwtops serve` starts, or pause them in the Prefect UI")
 
+    stopping = threading.Event()
+
     class BoundedRunner(Runner):
         def handle_sigterm(self, *args: object, **kwargs: object) -> None:
+            stopping.set()
             exit_within(SHUTDOWN_SECONDS, reason)
             super().handle_sigterm(*args, **kwargs)
 
     def on_interrupt(signum: int, frame: object) -> None:
+        stopping.set()
         exit_within(SHUTDOWN_SECONDS, reason)
         raise KeyboardInterrupt
 
@@ -167,3 +171,10 @@ def serve_deployments(*deployments: object) -> None:
         asyncio.run(runner.start())
     except KeyboardInterrupt:
         log.info("interrupted; shutting down")
+    except Exception as error:
+        if not stopping.is_set():
+            raise
+        # the pause failed at once (connection refused) rather than waiting out the bound
+        print(f"cwtops serve: not stopped cleanly: {reason} ({type(error).__name__}: {error}); exiting",
+              file=sys.stderr, flush=True)
+        sys.exit(1)
