@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cwtops.core.errors import CwtopsError
+from cwtops.data.weights import generate_filter_bank
 from cwtops.model.network import (
     DILATIONS_1D,
     CWTFrontEnd,
@@ -17,6 +18,7 @@ from cwtops.model.network import (
     ModelArgs,
     checkpoint_dict,
     head_flops,
+    hilbert_pair,
     load_checkpoint,
     trainable_parameters,
 )
@@ -40,7 +42,7 @@ def random_bank(seed: int, n_filters: int = 112) -> tuple[list[np.ndarray], torc
 @pytest.mark.parametrize("decimate", ["sample", "mean"])
 @pytest.mark.parametrize("method", ["conv", "fft"])
 @pytest.mark.parametrize("hop", [1, 8])
-@pytest.mark.parametrize("magnitude", ["abs", "square", "none"])
+@pytest.mark.parametrize("magnitude", ["analytic", "abs", "square", "none"])
 def test_frontend_matches_per_layer_reference(method: str, hop: int, magnitude: str, decimate: str) -> None:
     filters, matrix = random_bank(seed=hop)
     signal = torch.randn(3, 1, 777, generator=torch.Generator().manual_seed(1))  # 777 = 97 x 8 + 1: a short last hop
@@ -49,6 +51,41 @@ def test_frontend_matches_per_layer_reference(method: str, hop: int, magnitude: 
     assert actual.shape == expected.shape
     relative = (actual - expected).abs().max() / expected.abs().max()
     assert relative < 1e-5
+
+
+def test_analytic_magnitude_is_the_envelope_of_a_real_wavelets_response() -> None:
+    """A real Morlet's |response| to a tone at its frequency swings between 0 and its peak twice a
+    cycle; the modulus with its Hilbert pair (the complex Morlet's) is the flat envelope."""
+    bank, header = generate_filter_bank(scales=12)
+    matrix, _ = bank.padded()
+    frequency = header["centre_frequencies"][4]
+    tone = torch.cos(2 * torch.pi * frequency * torch.arange(1500.0) + 0.3).view(1, 1, -1)
+    inside = slice(matrix.shape[1], 1500 - matrix.shape[1])  # away from the zero-padded edges
+    analytic = CWTFrontEnd(torch.from_numpy(matrix), hop=1, magnitude="analytic")(tone)[0, 4, inside]
+    real = CWTFrontEnd(torch.from_numpy(matrix), hop=1, magnitude="abs")(tone)[0, 4, inside]
+    assert analytic.std() / analytic.mean() < 1e-3 < 0.3 < real.std() / real.mean()
+    assert torch.allclose(analytic.mean(), real.max(), rtol=0.02)  # the envelope is the swing's peak
+    pair = hilbert_pair(matrix)[4]  # a cosine Morlet's pair is the sine Morlet: odd about the centre
+    assert np.abs(pair + pair[::-1]).max() < 1e-4 * np.abs(pair).max()
+    assert abs(np.linalg.norm(pair) - np.linalg.norm(matrix[4])) < 0.01 * np.linalg.norm(matrix[4])
+
+
+@pytest.mark.parametrize("decimate", ["mean", "sample"])
+def test_analytic_frontend_exports_and_its_checkpoint_rebuilds(tmp_path, decimate: str) -> None:
+    _, matrix = random_bank(seed=11, n_filters=20)
+    args = ModelArgs(n_filters=20, kernel_size=matrix.shape[1], n_classes=3, signal_length=150, hop=4, head="1d",
+                     magnitude="analytic", decimate=decimate, members=2, channels=(8, 8, 16, 16), hidden=12)
+    model = _trained_like(HybridCWTNet(args, matrix), seed=5)
+    session = ort.InferenceSession(onnx_bytes(model, 150, 18, dynamic_length=False))
+    for batch in (1, 9):
+        signal = torch.randn(batch, 1, 150)
+        (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: signal.numpy()})
+        assert np.abs(logits - model(signal).detach().numpy()).max() < 1e-4
+    torch.save(checkpoint_dict(model, ["a", "b", "c"], "sha", {}), tmp_path / "m.pt")
+    rebuilt, _ = load_checkpoint(tmp_path / "m.pt")  # built on a zero bank, then the saved pairs loaded
+    assert torch.equal(rebuilt.frontend.hilbert_bank, model.frontend.hilbert_bank)
+    signal = torch.randn(4, 1, 150)
+    assert torch.equal(rebuilt(signal), model(signal))
 
 
 def test_frontend_is_frozen_and_only_head_trains() -> None:

@@ -47,7 +47,9 @@ Auto = Literal["auto"]
 
 
 class ParseConfig(Section):
-    magnitude: Literal["abs", "square", "none"] = "abs"
+    # analytic: the modulus of each response with its filter's Hilbert pair's (a complex wavelet's
+    # envelope); abs keeps a real filter's swing at twice its frequency, which carries the phase
+    magnitude: Literal["analytic", "abs", "square", "none"] = "abs"
     # auto: about 128-256 time steps for the head (cwtops/core/derived.py); or a fixed decimation
     hop: Annotated[int, Field(ge=1, le=64)] | Auto = "auto"
     # mean: each filter's magnitude averaged over every `hop` samples (the response computed at every

@@ -4,7 +4,9 @@ Shapes (S = 112 filters; T = L // hop time steps, 256-511 with `parse.hop: auto`
 
     signal      (B, 1, L)
     scalogram   (B, S, T)      frozen front-end, |x * psi_s| averaged over every `hop` samples
-                               (`decimate: mean`) or read at every hop-th one (`sample`)
+                               (`decimate: mean`) or read at every hop-th one (`sample`);
+                               `magnitude: analytic` takes the modulus with each filter's Hilbert
+                               pair instead (2S filters in the one convolution)
     head "1d"   conv1..conv4   (the default) 1-D over time, the S scales as input channels:
                                kernels 7, 5, 5, 3, BatchNorm + ReLU; each conv's outputs split between
                                branches of different dilations (`train.dilations`; auto: a wide one,
@@ -48,7 +50,7 @@ from cwtops.core.derived import Branches, as_branches
 from cwtops.core.errors import CwtopsError
 
 CHECKPOINT_FORMAT = "cwtops-checkpoint/1"
-Magnitude = Literal["abs", "square", "none"]
+Magnitude = Literal["analytic", "abs", "square", "none"]
 Stem = Literal["pool", "strided"]
 HeadKind = Literal["1d", "2d"]
 Method = Literal["auto", "conv", "fft"]
@@ -63,7 +65,32 @@ def filter_bank_sha256(matrix: np.ndarray, lengths: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def hilbert_pair(bank: np.ndarray) -> np.ndarray:
+    """Each filter's Hilbert transform, centred and as long as the filter: (S, K) -> (S, K).
+
+    A filter h and its pair form the analytic filter h + i H{h} (for a real Morlet, the complex
+    Morlet), whose response's modulus is the response's envelope: smooth, where |h * x| oscillates
+    at twice the filter's frequency. Computed with the filters zero-padded to 8 K (the pair of a
+    band-pass filter decays within its support) and cut back to the filter's K taps.
+    """
+    taps = np.asarray(bank, dtype=np.float64)
+    length = taps.shape[-1]
+    centre, n_fft = (length - 1) // 2, 1 << (8 * length - 1).bit_length()
+    padded = np.zeros((taps.shape[0], n_fft))
+    padded[:, : length - centre] = taps[:, centre:]  # the centre tap at index 0
+    padded[:, n_fft - centre :] = taps[:, :centre]
+    weights = np.zeros(n_fft)  # the analytic signal: positive frequencies doubled, negative ones dropped
+    weights[0] = weights[n_fft // 2] = 1.0
+    weights[1 : n_fft // 2] = 2.0
+    analytic = np.fft.ifft(np.fft.fft(padded, axis=-1) * weights, axis=-1)
+    pair = np.concatenate([analytic.imag[:, n_fft - centre :], analytic.imag[:, : length - centre]], axis=-1)
+    return pair.astype(np.float32)
+
+
 def _apply_magnitude(response: torch.Tensor, magnitude: Magnitude) -> torch.Tensor:
+    if magnitude == "analytic":  # (B, 2S, T): the filters' responses, then their Hilbert pairs'
+        real, imaginary = response.chunk(2, dim=1)
+        return (real.square() + imaginary.square()).sqrt()
     if magnitude == "abs":
         return response.abs()
     if magnitude == "square":
@@ -87,6 +114,9 @@ class CWTFrontEnd(nn.Module):
             raise CwtopsError(f"filter bank must be [S, K] with odd K, got {tuple(bank.shape)}")
         # Buffers, not parameters: saved with the model, invisible to optimizers.
         self.register_buffer("filter_bank", bank.detach().float().unsqueeze(1).contiguous())  # (S, 1, K)
+        if magnitude == "analytic":  # the filters' Hilbert pairs, derived here once and saved beside them
+            pair = torch.from_numpy(hilbert_pair(bank.detach().cpu().double().numpy()))
+            self.register_buffer("hilbert_bank", pair.unsqueeze(1).contiguous())  # (S, 1, K)
         self.hop = hop
         self.magnitude: Magnitude = magnitude
         self.method: Method = method
@@ -129,8 +159,14 @@ class CWTFrontEnd(nn.Module):
             response = self._conv_response(signal)
         return _apply_magnitude(response, self.magnitude)
 
+    def _filters(self) -> torch.Tensor:
+        """What the front-end convolves with: (S, 1, K), or (2S, 1, K) with the Hilbert pairs."""
+        if self.magnitude == "analytic":
+            return torch.cat([self.filter_bank, self.hilbert_bank])
+        return self.filter_bank
+
     def _conv_response(self, signal: torch.Tensor, hop: int | None = None) -> torch.Tensor:
-        weight = self.filter_bank.to(signal.dtype)
+        weight = self._filters().to(signal.dtype)
         return F.conv1d(signal, weight, stride=hop or self.hop, padding=(self.kernel_size - 1) // 2)
 
     def _fft_response(self, signal: torch.Tensor, hop: int | None = None) -> torch.Tensor:
@@ -148,7 +184,7 @@ class CWTFrontEnd(nn.Module):
         if key not in self._spectra:
             # conv1d is a correlation: correlate = convolve with the time-reversed filter,
             # shifted so output index 0 lines up with padding (K-1)//2.
-            reversed_bank = self.filter_bank[:, 0, :].flip(-1).float()
+            reversed_bank = self._filters()[:, 0, :].flip(-1).float()
             self._spectra = {key: torch.fft.rfft(reversed_bank, n=n_fft)}
         return self._spectra[key]
 
