@@ -76,11 +76,7 @@ def test_analytic_frontend_exports_and_its_checkpoint_rebuilds(tmp_path, decimat
     args = ModelArgs(n_filters=20, kernel_size=matrix.shape[1], n_classes=3, signal_length=150, hop=4, head="1d",
                      magnitude="analytic", decimate=decimate, members=2, channels=(8, 8, 16, 16), hidden=12)
     model = _trained_like(HybridCWTNet(args, matrix), seed=5)
-    session = ort.InferenceSession(onnx_bytes(model, 150, 18, dynamic_length=False))
-    for batch in (1, 9):
-        signal = torch.randn(batch, 1, 150)
-        (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: signal.numpy()})
-        assert np.abs(logits - model(signal).detach().numpy()).max() < 1e-4
+    _assert_onnx_matches(model, 150)
     torch.save(checkpoint_dict(model, ["a", "b", "c"], "sha", {}), tmp_path / "m.pt")
     rebuilt, _ = load_checkpoint(tmp_path / "m.pt")  # built on a zero bank, then the saved pairs loaded
     assert torch.equal(rebuilt.frontend.hilbert_bank, model.frontend.hilbert_bank)
@@ -152,6 +148,15 @@ def test_strided_stem_keeps_shapes_costs_a_quarter_and_survives_checkpoints(tmp_
     del old["model_args"]["stem"]  # a checkpoint written before the option existed
     torch.save(old, tmp_path / "old.pt")
     assert load_checkpoint(tmp_path / "old.pt")[0].args.stem == "pool"
+
+
+def _assert_onnx_matches(model: HybridCWTNet, length: int) -> None:
+    """The exported graph's logits equal the model's at batch 1 and 9 (fixed-length export)."""
+    session = ort.InferenceSession(onnx_bytes(model, length, 18, dynamic_length=False))
+    for batch in (1, 9):
+        signal = torch.randn(batch, 1, length)
+        (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: signal.numpy()})
+        assert np.abs(logits - model(signal).detach().numpy()).max() < 1e-4
 
 
 def _trained_like(model: HybridCWTNet, seed: int) -> HybridCWTNet:
@@ -253,11 +258,7 @@ def test_branched_dilations_split_each_conv_export_to_a_matching_graph_and_round
     assert [b.out_channels for b in conv1.branches] == [4, 3] and [b.dilation[0] for b in conv1.branches] == [3, 1]
     assert [b.dilation[0] for b in conv4.branches] == [48, 8] and conv4.norm.num_features == 10
     assert sum(p.numel() for p in conv1.branches.parameters()) == 16 * 7 * 7  # one conv's weights, split
-    session = ort.InferenceSession(onnx_bytes(model, 120, 18, dynamic_length=False))
-    for batch in (1, 9):
-        signal = torch.randn(batch, 1, 120)
-        (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: signal.numpy()})
-        assert np.abs(logits - model(signal).detach().numpy()).max() < 1e-4
+    _assert_onnx_matches(model, 120)
     torch.save(checkpoint_dict(model, ["a", "b", "c"], "sha", {}), tmp_path / "m.pt")
     rebuilt, _ = load_checkpoint(tmp_path / "m.pt")
     signal = torch.randn(2, 1, 120)
