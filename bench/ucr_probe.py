@@ -2,8 +2,9 @@
 
 For each dataset: 1-nearest-neighbour test accuracy (official split, Euclidean) on the raw
 signals, and on the scale spectrum, each filter's mean over time of the scalogram the head is fed
-(the default bank, `parse.hop: auto`, `decimate: mean`, `magnitude: abs`, signed log1p), each
-feature standardised on the training split. Where the spectrum alone beats the trained head, the
+(the default bank as `cwtops init` writes it, `parse.hop: auto`, `decimate: mean`, `magnitude:
+abs`, signed log1p), each feature standardised on the training split. For signals shorter than
+the bank's longest filters the pipeline refits the bank (`parse.bank: auto`) and this probe does not. Where the spectrum alone beats the trained head, the
 head is not using what the front-end gives it (BENCHMARKS.md, what was tried: ACSF1).
 
     python -m bench.ucr_probe --datasets ACSF1,Computers --out probe.json
