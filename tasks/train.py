@@ -272,6 +272,40 @@ def train_one_epoch(
     return total / max(seen, 1), len(index_batches)
 
 
+def accumulate_average(state: TrainState, weights: dict[str, torch.Tensor]) -> None:
+    """Fold this epoch's weights into the running mean (`state.averaged` counts this epoch)."""
+    if state.average_state is None:
+        state.average_state = {k: v.detach().clone() for k, v in weights.items()}
+        return
+    for key, value in weights.items():
+        if value.is_floating_point():
+            target = state.average_state[key]
+            target.lerp_(value.detach().to(target.device), 1 / state.averaged)
+
+
+@torch.no_grad()
+def recompute_batchnorm(model: HybridCWTNet, data: Data, batch_size: int, amp_dtype: torch.dtype | None = None) -> None:
+    """BatchNorm statistics for averaged weights: the running means of the epochs' weights are not
+    the statistics of the mean weights' activations. One pass over the training split (no
+    augmentation, seeded order) with every norm's statistics reset and accumulated as a plain mean."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over the batches
+    model.train()
+    generator = torch.Generator().manual_seed(0)
+    device = next(model.parameters()).device
+    try:
+        for scalograms, _ in data.batches(epoch_batches(len(data), batch_size, generator)):
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                model.training_head(scalograms)
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        model.eval()
+
+
 def macro_f1(confusion: np.ndarray) -> float:
     """Macro-F1 from a confusion matrix (rows: truth), averaged over the classes that occur in the
     truth or the predictions, a class without true or predicted positives scoring 0 (as sklearn's
@@ -357,6 +391,8 @@ class TrainState:
     best_epoch: int = 0
     stale_epochs: int = 0
     next_epoch: int = 1
+    average_state: dict | None = None  # running mean of the weights over the averaged epochs
+    averaged: int = 0  # epochs in it
 
 
 def _save_resume_point(state: TrainState, path: Path, fingerprint: str) -> None:
@@ -373,6 +409,8 @@ def _save_resume_point(state: TrainState, path: Path, fingerprint: str) -> None:
         "best_epoch": state.best_epoch,
         "stale_epochs": state.stale_epochs,
         "next_epoch": state.next_epoch,
+        "average_state": state.average_state,
+        "averaged": state.averaged,
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
@@ -398,6 +436,7 @@ def _try_resume(state: TrainState, path: Path, fingerprint: str) -> int:
     state.best_f1, state.best_epoch = float(saved["best_f1"]), int(saved["best_epoch"])
     state.best_loss = float(saved.get("best_loss", float("inf")))
     state.stale_epochs, state.next_epoch = int(saved["stale_epochs"]), int(saved["next_epoch"])
+    state.average_state, state.averaged = saved.get("average_state"), int(saved.get("averaged", 0))
     return state.next_epoch - 1
 
 
@@ -512,6 +551,11 @@ def run(cfg: TrainConfig, base: BaseConfig) -> TrainResult:
         print(f"resuming from epoch {resumed_from} ({paths.last_checkpoint})", flush=True)
 
     _fit(state, train, val, cfg, base.seed, settings, paths, amp_dtype, fingerprint, world)
+    if state.average_state is not None:  # train.average: the mean weights, with their own BatchNorm statistics
+        model.load_state_dict(state.average_state)
+        recompute_batchnorm(model, train, settings.batch_size, amp_dtype)
+        state.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        state.best_epoch = len(state.history)
     model.load_state_dict(state.best_state)
     if world.is_main:
         write_drift_reference(manifest, raw_dir, signal_length, paths.drift_reference)
@@ -577,6 +621,9 @@ def _fit(
             state.best_state = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
         else:
             state.stale_epochs += 1
+        if val is None and cfg.average > 0 and epoch > settings.epochs * (1 - cfg.average):
+            state.averaged += 1
+            accumulate_average(state, state.model.state_dict())
         state.next_epoch = epoch + 1
         # A resume point, then the history it covers (so history on disk implies a resume point).
         if world.is_main and time.perf_counter() - last_save >= SAVE_SECONDS:
@@ -620,8 +667,10 @@ def _write_outputs(
             "epochs_run": len(state.history),
             "best_epoch": state.best_epoch,
             "best_val_macro_f1": best_f1,
-            # how the checkpoint was chosen: validation macro-F1, or training loss without a carve-out
-            "selected_by": "val_macro_f1" if validated else "train_loss",
+            # how the checkpoint was chosen: validation macro-F1, or without a carve-out the training loss
+            # or (train.average) the mean of the last epochs' weights
+            "selected_by": "val_macro_f1" if validated else "average" if state.averaged else "train_loss",
+            "averaged_epochs": state.averaged,
             "best_loss": state.best_loss,
             "settings": settings.summary(),
             "parameters": sum(p.numel() for p in trainable_parameters(model)),

@@ -3,7 +3,6 @@ rank reading only its share, damaged shards refused before anything is written."
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -11,40 +10,21 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 
 from cwtops.core import derived
-from cwtops.core.config import params_from_dict
-from cwtops.data.signals import DataError, SignalReader, equal_counts, read_manifest, write_sample_dataset
-from cwtops.data.weights import generate_filter_bank, write_weight_file
+from cwtops.data.signals import DataError, SignalReader, read_manifest
 from cwtops.model.distributed import World
-from tasks import balance, parse, train
+from tasks import parse, train
+from tests.conftest import staged_params
 
-ROOT = Path(__file__).resolve().parent.parent
 LENGTH = 256
 
 
 @pytest.fixture()
 def small_stage_params(tmp_path: Path):
     """A tiny project in `tmp_path`: 200 signals of 256 samples in shards of 16, 1-epoch training."""
-    write_sample_dataset(tmp_path / "raw", seed=3, counts=equal_counts(200), chunk=16, length=LENGTH)
-    write_weight_file(tmp_path / "my.txt", *generate_filter_bank())
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["base"].update({"raw_dir": str(tmp_path / "raw"), "weights": str(tmp_path / "my.txt"),
-                        "artifacts_dir": str(tmp_path / "artifacts"), "results_dir": str(tmp_path / "results")})
-    raw["balance"]["val_fraction"] = 0.2
-    raw["train"].update({"epochs": 1, "patience": 1, "batch_size": 16, "members": 1, "channels": [8, 8, 8, 8],
-                         "hidden": 8})
-
-    def make(**train_overrides):
-        changed = copy.deepcopy(raw)
-        changed["train"].update(train_overrides)
-        return params_from_dict(changed)
-
-    params = make()
-    parse.run(params.parse, params.base)
-    balance.run(params.balance, params.base)
-    return make
+    return staged_params(tmp_path, 200, LENGTH, seed=3, val_fraction=0.2, epochs=1, patience=1, batch_size=16, members=1,
+                         channels=[8, 8, 8, 8], hidden=8)
 
 
 def _first_epoch(params, input_mode: str, world: World = train.SINGLE_PROCESS) -> float:

@@ -101,6 +101,10 @@ class TrainConfig(Section):
     # in [1 - warp, 1 + warp] (linear interpolation, edges repeated); 0: off
     warp: float = Field(0.1, ge=0, lt=0.5)
     mixup: float = Field(0.0, ge=0)  # Beta(a, a) mixing of pairs; 0: off
+    # weight averaging (without a validation split): the checkpoint is the mean of the weights at the
+    # end of each epoch in this last share of the schedule, BatchNorm statistics recomputed on the
+    # training split; 0: off (the epoch with the lowest training loss is kept)
+    average: float = Field(0.0, ge=0, lt=1)
     # memory: scalograms computed once and held; stream: batches read from the raw
     # shards and transformed per batch (flat memory); auto: memory while they fit 1 GiB per process
     input: Literal["auto", "memory", "stream"] = "auto"
