@@ -288,6 +288,7 @@ def _log_values(client: MlflowClient, run_id: str, ran: dict[str, str], paths: A
     flat = [Param(key, value[:6000]) for key, value in ran.items()]  # 6000: MLflow's value limit
     bank = json.loads(paths.filter_bank_summary.read_text()) if paths.filter_bank_summary.exists() else {}
     flat += [Param(f"resolved.{key}", str(value)) for key, value in resolved_settings(summary, bank).items()]
+    flat += [Param(f"tuned.train.{key}", json.dumps(value)) for key, value in (summary.get("tuned") or {}).items()]
     plan = batch_plan(metrics, flat, [RunTag(key, value) for key, value in tags.items()])
     for chunk_metrics, chunk_params, chunk_tags in plan:
         client.log_batch(run_id, metrics=chunk_metrics, params=chunk_params, tags=chunk_tags)
@@ -311,7 +312,8 @@ def _log_figures(client: MlflowClient, run_id: str, base: BaseConfig, paths: Art
 def _log_files(client: MlflowClient, run_id: str, paths: ArtifactPaths) -> None:
     files = [(paths.report_txt, "evaluation"), (paths.report_json, "evaluation"), (paths.confusion_json, "evaluation"),
              (paths.metrics, "evaluation"), (paths.predictions, "evaluation"), (paths.history, "training"),
-             (paths.train_summary, "training"), (paths.parity_report, "parity"), (paths.onnx, "onnx")]
+             (paths.train_summary, "training"), (paths.tune_chosen, "tuning"), (paths.tune_trials, "tuning"),
+             (paths.parity_report, "parity"), (paths.onnx, "onnx")]
     for path, folder in files:
         if path.exists():  # predictions and summary are optional mirrors
             client.log_artifact(run_id, str(path), folder)
@@ -338,9 +340,41 @@ def _log_training_data(client: MlflowClient, run_id: str, base: BaseConfig, path
     client.log_inputs(run_id, datasets=[DatasetInput(entity, tags)])
 
 
+def _log_trials(client: MlflowClient, run_id: str, paths: ArtifactPaths) -> int:
+    """Each tune trial as a child run of this one (its settings as params, its cross-validated scores
+    as metrics); trials already logged under this run, by an earlier track of it, are not logged twice."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    trials = pd.read_csv(paths.tune_trials) if paths.tune_trials.exists() else pd.DataFrame()
+    if trials.empty:
+        return 0
+    chosen = json.loads(paths.tune_chosen.read_text()) if paths.tune_chosen.exists() else {}
+    experiment_id = client.get_run(run_id).info.experiment_id
+    logged = {child.data.tags.get("cwtops.tune.trial") for child in client.search_runs(
+        [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'", max_results=1000)}
+    scores = ("cv_macro_f1", "cv_accuracy", "cv_loss", "seconds")
+    keys = [column for column in trials.columns if column not in ("number", "state", "same_as", *scores)]
+    now, added = int(time.time() * 1000), 0
+    for trial in trials.itertuples(index=False):
+        number = str(int(trial.number))
+        if number in logged:
+            continue
+        tags = {"mlflow.parentRunId": run_id, "cwtops.tune.trial": number, "cwtops.tune.state": str(trial.state),
+                "cwtops.tune.chosen": str(chosen.get("best_trial") == int(trial.number)).lower()}
+        child = client.create_run(experiment_id, run_name=f"tune trial {number}", tags=tags).info.run_id
+        values = trial._asdict()
+        metrics = [Metric(name, float(values[name]), now, 0) for name in scores if _is_number(values.get(name))]
+        params = [Param(f"train.{key}", str(values[key])) for key in keys]
+        client.log_batch(child, metrics=metrics, params=params, tags=[RunTag("mlflow.runName", f"tune trial {number}")])
+        client.set_terminated(child, "FINISHED" if trial.state == "COMPLETE" else "FAILED")
+        added += 1
+    return added
+
+
 def _mirror(client: MlflowClient, run_id: str, cfg: MlflowConfig, base: BaseConfig, paths: ArtifactPaths,
             tags: dict[str, str]) -> None:
     _log_values(client, run_id, ran_with(cfg, base), paths, tags)
+    _log_trials(client, run_id, paths)
     _log_training_data(client, run_id, base, paths, tags["data_dvc_md5"])
     _log_figures(client, run_id, base, paths)
     _log_files(client, run_id, paths)

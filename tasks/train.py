@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import ValidationError
 from torch import nn
 from tqdm import tqdm
 
@@ -445,6 +446,25 @@ def _write_history(path: Path, history: list[dict]) -> None:
         pd.DataFrame(history, columns=HISTORY_COLUMNS).to_csv(tmp, index=False)
 
 
+def apply_tuned(cfg: TrainConfig, chosen: Path) -> tuple[TrainConfig, dict]:
+    """params.yaml's train section with the tune stage's choices in place of the keys it searched
+    (its `params`; none when the search is off or the file is absent, as for `cwtops stage train` alone)."""
+    if not chosen.exists():
+        return cfg, {}
+    try:
+        tuned = dict(json.loads(chosen.read_text()).get("params") or {})
+    except (json.JSONDecodeError, AttributeError) as error:
+        raise CwtopsError(f"{chosen}: not the tune stage's output ({error}); run `dvc repro tune` again") from None
+    if not tuned:
+        return cfg, {}
+    try:
+        return TrainConfig.model_validate(cfg.model_dump() | tuned), tuned
+    except ValidationError as error:
+        problems = "; ".join(f"train.{'.'.join(map(str, item['loc']))}: {item['msg']} (got {item.get('input')!r})"
+                             for item in error.errors())
+        raise CwtopsError(f"{chosen}: not valid train settings ({problems}); run `dvc repro tune` again") from None
+
+
 def model_args(cfg: TrainConfig, magnitude: str, n_filters: int, kernel_size: int, n_classes: int, signal_length: int,
                hop: int, members: int = 1, channels: tuple[int, int, int, int] = WIDE_CHANNELS,
                hidden: int = WIDE_HIDDEN, raw_channel: bool = False, decimate: str = "sample",
@@ -513,6 +533,7 @@ def run(cfg: TrainConfig, base: BaseConfig) -> TrainResult:
     """Train the head; write the best checkpoint, the per-epoch history and a summary."""
     started = time.perf_counter()
     paths = artifact_paths(base)
+    cfg, tuned = apply_tuned(cfg, paths.tune_chosen)
     device = select_device(cfg)
     world = init_world(device.type == "cuda")
     if device.type == "cuda" and world.distributed:
@@ -535,15 +556,8 @@ def run(cfg: TrainConfig, base: BaseConfig) -> TrainResult:
     val = load_split(split="val", **reading) if (manifest.split == "val").any() else None
     load_seconds["val"] = time.perf_counter() - tick - load_seconds["train"]
 
-    # fused: one kernel for every parameter's update (the head has ~30 tensors; per-tensor updates
-    # dominate a step on small batches)
-    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    steps = settings.epochs * max(1, len(train) // settings.batch_size + 1)
-    steps = min(steps, settings.max_steps or steps)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=steps, pct_start=0.1)
     amp_dtype = autocast_dtype(cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    state = TrainState(model, optimizer, scheduler, scaler, [], model.state_dict())
+    state = new_state(cfg, model, settings, len(train), device, amp_dtype)
     fingerprint = _fingerprint(cfg, paths, settings)
     resumed_from = _try_resume(state, paths.last_checkpoint, fingerprint)
     if resumed_from:
@@ -551,17 +565,12 @@ def run(cfg: TrainConfig, base: BaseConfig) -> TrainResult:
         print(f"resuming from epoch {resumed_from} ({paths.last_checkpoint})", flush=True)
 
     _fit(state, train, val, cfg, base.seed, settings, paths, amp_dtype, fingerprint, world)
-    if state.average_state is not None:  # train.average: the mean weights, with their own BatchNorm statistics
-        model.load_state_dict(state.average_state)
-        recompute_batchnorm(model, train, settings.batch_size, amp_dtype)
-        state.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        state.best_epoch = len(state.history)
-    model.load_state_dict(state.best_state)
+    keep_selected(state, train, settings, amp_dtype)
     if world.is_main:
         write_drift_reference(manifest, raw_dir, signal_length, paths.drift_reference)
         ran_with = {"base": {"seed": base.seed}, "train": cfg.model_dump(mode="json"), "parse": asdict(front)}
         _write_outputs(state, ran_with, settings, paths, classes, device, started, resumed_from, world, val is not None,
-                       load_seconds)
+                       load_seconds, tuned)
         paths.last_checkpoint.unlink(missing_ok=True)  # finished: the next run starts afresh
     close_world(world)
     return TrainResult(
@@ -575,6 +584,31 @@ def run(cfg: TrainConfig, base: BaseConfig) -> TrainResult:
     )
 
 
+def new_state(cfg: TrainConfig, model: HybridCWTNet, settings: TrainSettings, n_train: int, device: torch.device,
+              amp_dtype: torch.dtype | None) -> TrainState:
+    """AdamW and the one-cycle schedule over the resolved epochs (or `max_steps`), before epoch 1."""
+    # fused: one kernel for every parameter's update (the head has ~30 tensors; per-tensor updates
+    # dominate a step on small batches)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    steps = settings.epochs * max(1, n_train // settings.batch_size + 1)
+    steps = min(steps, settings.max_steps or steps)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=steps, pct_start=0.1)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    return TrainState(model, optimizer, scheduler, scaler, [], model.state_dict())
+
+
+def keep_selected(state: TrainState, train: Data, settings: TrainSettings, amp_dtype: torch.dtype | None) -> None:
+    """Load the checkpoint the run selected into the model: the best epoch, or with `train.average`
+    the mean weights with their own BatchNorm statistics."""
+    model = state.model
+    if state.average_state is not None:
+        model.load_state_dict(state.average_state)
+        recompute_batchnorm(model, train, settings.batch_size, amp_dtype)
+        state.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        state.best_epoch = len(state.history)
+    model.load_state_dict(state.best_state)
+
+
 def _fit(
     state: TrainState,
     train: Data,
@@ -582,16 +616,19 @@ def _fit(
     cfg: TrainConfig,
     seed: int,
     settings: TrainSettings,
-    paths: ArtifactPaths,
+    paths: ArtifactPaths | None,
     amp_dtype: torch.dtype | None,
     fingerprint: str,
     world: World = SINGLE_PROCESS,
+    progress: bool = True,
 ) -> None:
+    """The epochs left. With `paths`, a resume point and the history after every epoch (the tune
+    stage's fits pass none: they are not resumed, a whole trial is)."""
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     head = wrap_head(state.model, world)  # built once: DDP broadcasts the parameters when it is made
     last_save = -float("inf")
     epochs = tqdm(range(state.next_epoch, settings.epochs + 1), desc="train", unit="epoch", initial=state.next_epoch - 1,
-                  total=settings.epochs, disable=not world.is_main)
+                  total=settings.epochs, disable=not (world.is_main and progress))
     for epoch in epochs:
         steps_left = None if settings.max_steps is None else settings.max_steps - state.scheduler.last_epoch
         if state.stale_epochs >= settings.patience or (steps_left is not None and steps_left <= 0):
@@ -626,7 +663,7 @@ def _fit(
             accumulate_average(state, state.model.state_dict())
         state.next_epoch = epoch + 1
         # A resume point, then the history it covers (so history on disk implies a resume point).
-        if world.is_main and time.perf_counter() - last_save >= SAVE_SECONDS:
+        if paths is not None and world.is_main and time.perf_counter() - last_save >= SAVE_SECONDS:
             _save_resume_point(state, paths.last_checkpoint, fingerprint)
             _write_history(paths.history, state.history)
             last_save = time.perf_counter()
@@ -645,6 +682,7 @@ def _write_outputs(
     world: World = SINGLE_PROCESS,
     validated: bool = True,
     load_seconds: dict[str, float] | None = None,
+    tuned: dict | None = None,
 ) -> None:
     bank_sha = load_json_sha(paths)
     model = state.model.to("cpu").to(memory_format=torch.contiguous_format)
@@ -671,6 +709,7 @@ def _write_outputs(
             # or (train.average) the mean of the last epochs' weights
             "selected_by": "val_macro_f1" if validated else "average" if state.averaged else "train_loss",
             "averaged_epochs": state.averaged,
+            "tuned": tuned or {},  # train settings the tune stage chose (they replaced params.yaml's)
             "best_loss": state.best_loss,
             "settings": settings.summary(),
             "parameters": sum(p.numel() for p in trainable_parameters(model)),

@@ -113,15 +113,17 @@ def base_fields_named(stage: str) -> set[str]:
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_stage_declares_its_own_section_and_base_only(stage: str) -> None:
-    """run(cfg, base) reads one section and base; dvc.yaml declares that section and the base keys it names."""
+    """run(cfg, base) reads one section and base (the tune stage also the section it tunes, by name);
+    dvc.yaml declares those sections and the base keys it names."""
     import inspect
 
-    from tasks.stages import SECTIONS, stage_function
+    from tasks.stages import READS, SECTIONS, stage_function
 
-    section = SECTIONS[stage]
-    assert list(inspect.signature(stage_function(stage)).parameters) == ["cfg", "base"]
+    section, others = SECTIONS[stage], READS.get(stage, ())
+    assert list(inspect.signature(stage_function(stage)).parameters) == ["cfg", "base", *others]
     declared = [entry if isinstance(entry, str) else next(iter(entry)) for entry in STAGES[stage]["params"]]
-    foreign = [key for key in declared if key.split(".")[0] not in (section, "base")]
+    assert all(other in declared for other in others), f"dvc.yaml stage {stage} misses a section it reads"
+    foreign = [key for key in declared if key.split(".")[0] not in (section, "base", *others)]
     assert foreign == [], f"dvc.yaml stage {stage} declares params of other sections"
     assert section in declared or any(key.startswith(f"{section}.") for key in declared)
     if "base" not in declared:

@@ -236,7 +236,7 @@ def test_run_mirrors_params_epochs_figures_reports_and_lineage(registered: dict,
     assert run.info.status == "FINISHED"
     mirrored = {k: v for k, v in run.data.params.items() if not k.startswith("resolved.")}  # + what `auto` became
     # what made the model: every stage's params as dvc.lock records them, and track's own (base, mlflow)
-    made_by = ("base", "parse", "balance", "train", "evaluate", "export", "parity", "mlflow")
+    made_by = ("base", "parse", "balance", "tune", "train", "evaluate", "export", "parity", "mlflow")
     expected = {k: v for k, v in flatten(registered["params"]).items() if k.split(".")[0] in made_by}
     expected["mlflow.backend_store"] = masked(expected["mlflow.backend_store"])
     assert mirrored == expected and run.data.params["train.epochs"] == str(EPOCHS)

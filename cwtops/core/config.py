@@ -127,6 +127,30 @@ class TrainConfig(Section):
         return value
 
 
+TunedKey = Literal["dilations", "raw_channel", "warp", "dropout", "average", "mixup", "lr"]
+
+
+class TuneConfig(Section):
+    """The optional search (tasks/tune.py): Optuna trials over a few train settings, each scored by
+    cross-validation on the training split alone; train reads the chosen values."""
+
+    trials: int = Field(0, ge=0, le=500)  # 0: off, train uses params.yaml as written
+    folds: int = Field(3, ge=2, le=10)  # stratified folds of the training split; one head trained per fold
+    # all trials' training together, as a multiple of train's FLOP budget (cwtops/core/derived.py):
+    # it sets the epochs of each fold's head (at most train's own)
+    budget: float = Field(0.5, gt=0, le=100)
+    timeout: float = Field(600, gt=0)  # seconds; no new trial starts after this (a time box)
+    space: tuple[TunedKey, ...] = ("dilations", "raw_channel", "warp", "dropout", "average")
+    max_signals: int = Field(2000, ge=10)  # a stratified subsample of a larger training split is searched
+
+    @field_validator("space")
+    @classmethod
+    def _distinct(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError("list one or more distinct train settings to search")
+        return value
+
+
 class EvaluateConfig(Section):
     report_digits: int = Field(4, ge=1, le=10)
 
@@ -245,6 +269,7 @@ class Params(Section):
     base: BaseConfig = BaseConfig()
     parse: ParseConfig = ParseConfig()
     balance: BalanceConfig = BalanceConfig()
+    tune: TuneConfig = TuneConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()

@@ -34,6 +34,19 @@ class ArtifactPaths:
     def balance_summary(self) -> Path:
         return self.root / "balance" / "summary.json"
 
+    # tune (optional search; train reads what it chose)
+    @property
+    def tune_chosen(self) -> Path:  # {"params": {train key: value}, ...}; empty params when the search is off
+        return self.root / "tune" / "chosen.json"
+
+    @property
+    def tune_trials(self) -> Path:  # one row per trial: settings, cross-validated scores, seconds
+        return self.root / "tune" / "trials.csv"
+
+    @property
+    def tune_journal(self) -> Path:  # the study's Optuna journal, a resume point (outside the stage outs)
+        return self.root / "checkpoints" / "tune.journal"
+
     # train
     @property
     def model(self) -> Path:  # best checkpoint, self-describing
