@@ -152,6 +152,7 @@ class SearchData:
     matrix: torch.Tensor
     n_classes: int
     signal_length: int
+    train: TrainConfig  # params.yaml's, with the head's width resolved for the whole split
 
     def inputs(self, raw_channel: bool) -> torch.Tensor:
         return self.scalograms if raw_channel else self.scalograms[:, :-1]
@@ -163,19 +164,54 @@ def _fingerprint(cfg: TuneConfig, base: BaseConfig, train: TrainConfig, paths: A
     return "tune-" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 
-def fit_epochs(cfg: TuneConfig, train: TrainConfig, data: SearchData, n_fit: int, folds: int) -> int:
-    """Each fold's epochs: its share of the search budget, at most what train would run."""
-    settings = _settings(train, data, n_fit)
+def fit_share(cfg: TuneConfig) -> float:
+    """FLOPs each fold's head may spend: the search budget over every trial and fold."""
+    return cfg.budget * FLOP_BUDGET / (cfg.trials * cfg.folds)
+
+
+def fit_epochs(cfg: TuneConfig, train: TrainConfig, data: SearchData, n_fit: int) -> int:
+    """Each fold's epochs: its share of the search budget, at least MIN_FIT_EPOCHS (the searched
+    subsample is sized for that, `searched_signals`) and at most what train would run."""
+    settings = _settings(train, data.front, tuple(data.matrix.shape), data.n_classes, data.signal_length, n_fit)
     one_member = settings.forward_flops / max(1, settings.members)
-    share = cfg.budget * FLOP_BUDGET / (cfg.trials * folds)
-    epochs = math.floor(share / epoch_cost(n_fit, one_member, settings.batch_size))
+    epochs = math.floor(fit_share(cfg) / epoch_cost(n_fit, one_member, settings.batch_size))
     return max(1, min(settings.epochs, max(MIN_FIT_EPOCHS, epochs)))
 
 
-def _settings(train: TrainConfig, data: SearchData, n_fit: int):  # noqa: ANN202 - TrainSettings
+def searched_signals(cfg: TuneConfig, train: TrainConfig, front: FrontEnd, bank_shape: tuple[int, int], n_classes: int,
+                     signal_length: int, n_train: int) -> int:
+    """How many training signals the search can afford: every fold's head trains MIN_FIT_EPOCHS on
+    the other folds within its share of the budget (a large split is searched on a stratified
+    subsample), and at most `tune.max_signals`."""
+
+    def affordable(n: int) -> bool:
+        n_fit = n - -(-n // cfg.folds)
+        settings = _settings(train, front, bank_shape, n_classes, signal_length, n_fit)
+        one_member = settings.forward_flops / max(1, settings.members)
+        return MIN_FIT_EPOCHS * epoch_cost(n_fit, one_member, settings.batch_size) <= fit_share(cfg)
+
+    low, high = 2 * cfg.folds, min(n_train, cfg.max_signals)
+    if high <= low or affordable(high):
+        return high
+    while high - low > 1:  # the largest affordable n in [low, high)
+        middle = (low + high) // 2
+        low, high = (middle, high) if affordable(middle) else (low, middle)
+    return low
+
+
+def searched_head(train: TrainConfig, front: FrontEnd, bank_shape: tuple[int, int], n_classes: int, signal_length: int,
+                  n_train: int) -> TrainConfig:
+    """train's settings with the head's width resolved for the whole training split: the folds (and
+    a subsample) are smaller, and `auto` would give them a narrower head than train builds."""
+    full = _settings(train, front, bank_shape, n_classes, signal_length, n_train)
+    return TrainConfig.model_validate(train.model_dump() | {"channels": full.channels, "hidden": full.hidden})
+
+
+def _settings(train: TrainConfig, front: FrontEnd, bank_shape: tuple[int, int], n_classes: int, signal_length: int,
+              n_fit: int):  # noqa: ANN202 - TrainSettings
+    """What train would resolve for a training split of `n_fit` signals."""
     fit_manifest = pd.DataFrame({"split": ["train"] * n_fit})
-    return resolve_settings(train, data.front, fit_manifest, data.signal_length, tuple(data.matrix.shape),
-                            data.n_classes)
+    return resolve_settings(train, front, fit_manifest, signal_length, bank_shape, n_classes)
 
 
 def cross_validate(train: TrainConfig, data: SearchData, epochs: int, seed: int, device: torch.device) -> dict[str, float]:
@@ -186,7 +222,7 @@ def cross_validate(train: TrainConfig, data: SearchData, epochs: int, seed: int,
     amp_dtype = autocast_dtype(train, device)
     for k, held in enumerate(data.folds):
         fit = np.setdiff1d(np.arange(len(data.labels)), held)
-        settings = _settings(train, data, len(fit))
+        settings = _settings(train, data.front, tuple(data.matrix.shape), n_classes, data.signal_length, len(fit))
         one_member = int(settings.forward_flops / max(1, settings.members))
         settings = replace(settings, members=1, epochs=epochs, patience=epochs, max_steps=None, forward_flops=one_member)
         fold_seed = seed + 7919 * k
@@ -213,14 +249,17 @@ def _load_data(cfg: TuneConfig, base: BaseConfig, train: TrainConfig, paths: Art
                device: torch.device) -> SearchData | None:
     manifest = read_manifest(paths.split_manifest)
     classes = sorted(manifest.loc[manifest.split == "train", "label"].unique())
-    rows = subsample(manifest[manifest.split == "train"], cfg.max_signals, base.seed)
-    counts = rows.label.value_counts()
-    if len(rows) < 2 * cfg.folds or counts.min() < 2:
-        return None
+    rows = manifest[manifest.split == "train"]
     raw_dir = Path(base.raw_dir)
     signal_length = int(load_signals(rows.head(1), raw_dir).shape[1])
     matrix, _, _ = load_filter_bank(paths.filter_bank)
     front = read_front_end(paths)
+    train = searched_head(train, front, tuple(matrix.shape), len(classes), signal_length, len(rows))
+    limit = searched_signals(cfg, train, front, tuple(matrix.shape), len(classes), signal_length, len(rows))
+    rows = subsample(rows, limit, base.seed)
+    counts = rows.label.value_counts()
+    if len(rows) < 2 * cfg.folds or counts.min() < 2:
+        return None
     reader = SignalReader(rows, raw_dir, signal_length)
     reader.check()
     args = model_args(train, front.magnitude, matrix.shape[0], matrix.shape[1], len(classes), signal_length, front.hop,
@@ -229,7 +268,8 @@ def _load_data(cfg: TuneConfig, base: BaseConfig, train: TrainConfig, paths: Art
     index = {name: i for i, name in enumerate(classes)}
     labels = rows.label.map(index).to_numpy(dtype=np.int64)
     folds = stratified_folds(labels, cfg.folds, base.seed)
-    return SearchData(scalograms, torch.tensor(labels, device=device), folds, front, matrix, len(classes), signal_length)
+    return SearchData(scalograms, torch.tensor(labels, device=device), folds, front, matrix, len(classes), signal_length,
+                      train)
 
 
 def _open_study(path: Path, name: str):  # noqa: ANN202 - optuna.Study
@@ -263,7 +303,7 @@ def search(cfg: TuneConfig, base: BaseConfig, train: TrainConfig, data: SearchDa
     first = {key: label_of(key, getattr(train, key)) for key in cfg.space}  # params.yaml's own settings
     steps = -(-data.signal_length // data.front.hop)
     n_fit = len(data.labels) - max(len(fold) for fold in data.folds)
-    epochs = fit_epochs(cfg, train, data, n_fit, len(data.folds))
+    epochs = fit_epochs(cfg, data.train, data, n_fit)
 
     def objective(trial: optuna.Trial) -> float:
         labels = {key: trial.suggest_categorical(key, values) for key, values in space.items()}
@@ -274,7 +314,7 @@ def search(cfg: TuneConfig, base: BaseConfig, train: TrainConfig, data: SearchDa
                     trial.set_user_attr(score, done.user_attrs.get(score))
                 return float(done.value)
         tick = time.perf_counter()
-        settings = TrainConfig.model_validate(train.model_dump() | {k: train_value(k, v, steps) for k, v in labels.items()})
+        settings = TrainConfig.model_validate(data.train.model_dump() | {k: train_value(k, v, steps) for k, v in labels.items()})
         scores = cross_validate(settings, data, epochs, base.seed, device)
         for score in SCORES[1:]:
             trial.set_user_attr(score, scores[score])

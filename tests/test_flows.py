@@ -31,7 +31,7 @@ def test_train_flow_serves_a_version_and_leaves_dvc_clean(harness, in_project: P
         summary = train_flow(params_file=str(in_project / "params.yaml"))
     finally:
         _set_epochs(in_project, epochs)
-    assert summary["stages_run"] == ["train", "evaluate", "export", "parity", "track"]
+    assert summary["stages_run"] == ["tune", "train", "evaluate", "export", "parity", "track"]  # tune reads train's section
     assert summary["stage_seconds"]["train"] > 0 and summary["stage_seconds"]["parse"] == 0
     assert summary["version"] >= 1
     assert summary["rollout"]["served"] is not None

@@ -150,3 +150,28 @@ def test_track_logs_each_trial_as_a_child_run_once(tmp_path: Path) -> None:
     assert by_trial["2"].data.params["train.dropout"] == "0.3" and by_trial["2"].data.metrics["cv_macro_f1"] == 0.75
     assert by_trial["2"].data.tags["cwtops.tune.chosen"] == "true" and by_trial["0"].data.tags["cwtops.tune.chosen"] == "false"
     assert by_trial["1"].info.status == "FAILED" and "cv_macro_f1" not in by_trial["1"].data.metrics
+
+
+def test_a_large_split_is_searched_on_a_subsample_the_budget_affords() -> None:
+    from cwtops.core.derived import epoch_cost
+    from tasks.train import FrontEnd
+
+    front, bank, train_cfg = FrontEnd(hop=2, hop_derived=True, magnitude="abs", decimate="mean"), (112, 257), TrainConfig()
+    cfg = TuneConfig(trials=8, folds=3, budget=0.5)
+    n = tune.searched_signals(cfg, train_cfg, front, bank, 2, 500, 3601)  # FordA's shape
+    assert 2 * cfg.folds <= n < 3601
+    settings = tune._settings(train_cfg, front, bank, 2, 500, n - -(-n // 3))
+    one = settings.forward_flops / settings.members
+    assert tune.MIN_FIT_EPOCHS * epoch_cost(n - -(-n // 3), one, settings.batch_size) <= tune.fit_share(cfg)
+    bigger = tune._settings(train_cfg, front, bank, 2, 500, (n + 1) - -(-(n + 1) // 3))
+    one = bigger.forward_flops / bigger.members
+    assert tune.MIN_FIT_EPOCHS * epoch_cost((n + 1) - -(-(n + 1) // 3), one, bigger.batch_size) > tune.fit_share(cfg)
+    # the folds' head is as wide as the one train builds for the whole split, not a small split's
+    assert tune.searched_head(train_cfg, front, bank, 2, 500, 3601).channels == (64, 64, 128, 128)
+    train_cfg = tune.searched_head(train_cfg, front, bank, 2, 500, 3601)
+    n = tune.searched_signals(cfg, train_cfg, front, bank, 2, 500, 3601)
+    assert 2 * cfg.folds <= n < 3601
+    assert tune.searched_signals(cfg, train_cfg, front, bank, 7, 319, 70) == 70  # a small split: all of it
+    rows = pd.DataFrame({"label": ["a"] * 90 + ["b"] * 10})
+    picked = tune.subsample(rows, 20, seed=0)
+    assert len(picked) == 20 and picked.label.value_counts().to_dict() == {"a": 18, "b": 2}
