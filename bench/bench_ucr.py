@@ -3,7 +3,7 @@
 Each dataset runs in its own scratch project: this repository's params.yaml, dvc.yaml and tasks/
 copied unchanged, `git init`, then `cwtops data import-ucr TRAIN TEST --out data/raw` (the fixed
 official split), `cwtops init` (default weight file, DVC, local remote) and `dvc repro evaluate parity`
-(parse -> balance -> train -> evaluate -> export -> parity). No per-dataset settings: whatever
+(parse -> balance -> tune -> train -> evaluate -> export -> parity). No per-dataset settings: whatever
 the pipeline derives from the data is what a user gets. Reported per dataset: test accuracy,
 seconds from import to parity, trainable parameters of the head, and the published resample-0
 (official split) accuracies of InceptionTime, HC2, MiniROCKET, LITETime, ResNet and MR-Hydra
@@ -172,6 +172,9 @@ def _outcome(root: Path) -> dict:
     summary.pop("classes", None)  # the class names; the count is in the row
     outcome = {"cwtops": float(metrics["accuracy"]), "params": trainable_params(artifacts / "train" / "model.pt"),
                "train": summary}
+    chosen = artifacts / "tune" / "chosen.json"
+    if chosen.exists():  # the tune stage's search, when it is on (tune.trials > 0)
+        outcome["tune"] = json.loads(chosen.read_text())
     for key in ("balanced_accuracy", "macro_f1"):
         if key in metrics:
             outcome[key] = metrics[key]

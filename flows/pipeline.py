@@ -1,4 +1,4 @@
-"""The training flow: parse -> balance -> train -> evaluate -> export -> parity -> track,
+"""The training flow: parse -> balance -> tune -> train -> evaluate -> export -> parity -> track,
 then register (MLflow), promote (policy) and roll out (Triton).
 
 Each stage task runs its DVC stage, so `dvc.lock` stays true: after this flow `dvc status` is
