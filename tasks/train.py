@@ -489,7 +489,7 @@ def model_args(cfg: TrainConfig, magnitude: str, n_filters: int, kernel_size: in
     )
 
 
-def _build(cfg: TrainConfig, seed: int, front: FrontEnd, matrix: torch.Tensor, n_classes: int, signal_length: int,
+def new_model(cfg: TrainConfig, seed: int, front: FrontEnd, matrix: torch.Tensor, n_classes: int, signal_length: int,
            settings: TrainSettings, device: torch.device) -> HybridCWTNet:
     args = model_args(cfg, front.magnitude, matrix.shape[0], matrix.shape[1], n_classes, signal_length, settings.hop,
                       settings.members, settings.channels, settings.hidden, settings.raw_channel, front.decimate,
@@ -546,7 +546,7 @@ def run(cfg: TrainConfig, base: BaseConfig) -> TrainResult:
     matrix, _, _ = load_filter_bank(paths.filter_bank)
     front = read_front_end(paths)
     settings = resolve_settings(cfg, front, manifest, signal_length, tuple(matrix.shape), len(classes))
-    model = _build(cfg, base.seed, front, matrix, len(classes), signal_length, settings, device)
+    model = new_model(cfg, base.seed, front, matrix, len(classes), signal_length, settings, device)
     log.info("training input: %s (train.input: %s)", settings.input, cfg.input)
     reading = {"model": model, "manifest": manifest, "raw_dir": raw_dir, "classes": classes, "device": device,
                "input_mode": settings.input, "signal_length": signal_length, "num_workers": cfg.num_workers}
@@ -564,7 +564,7 @@ def run(cfg: TrainConfig, base: BaseConfig) -> TrainResult:
         log.info("resuming from epoch %d (%s)", resumed_from, paths.last_checkpoint)
         print(f"resuming from epoch {resumed_from} ({paths.last_checkpoint})", flush=True)
 
-    _fit(state, train, val, cfg, base.seed, settings, paths, amp_dtype, fingerprint, world)
+    train_epochs(state, train, val, cfg, base.seed, settings, paths, amp_dtype, fingerprint, world)
     keep_selected(state, train, settings, amp_dtype)
     if world.is_main:
         write_drift_reference(manifest, raw_dir, signal_length, paths.drift_reference)
@@ -609,7 +609,7 @@ def keep_selected(state: TrainState, train: Data, settings: TrainSettings, amp_d
     model.load_state_dict(state.best_state)
 
 
-def _fit(
+def train_epochs(
     state: TrainState,
     train: Data,
     val: Data | None,

@@ -47,18 +47,18 @@ from tasks.parse import load_filter_bank
 from tasks.train import (
     FrontEnd,
     Split,
-    _build,
-    _fit,
     autocast_dtype,
     compute_scalograms,
     configure_backend,
     keep_selected,
     macro_f1,
     model_args,
+    new_model,
     new_state,
     read_front_end,
     resolve_settings,
     select_device,
+    train_epochs,
 )
 
 log = logging.getLogger(__name__)
@@ -226,11 +226,11 @@ def cross_validate(train: TrainConfig, data: SearchData, epochs: int, seed: int,
         one_member = int(settings.forward_flops / max(1, settings.members))
         settings = replace(settings, members=1, epochs=epochs, patience=epochs, max_steps=None, forward_flops=one_member)
         fold_seed = seed + 7919 * k
-        model = _build(train, fold_seed, data.front, data.matrix, n_classes, data.signal_length, settings, device)
+        model = new_model(train, fold_seed, data.front, data.matrix, n_classes, data.signal_length, settings, device)
         inputs = data.inputs(settings.raw_channel)
         fit_split = Split(inputs[torch.from_numpy(fit)], data.labels[torch.from_numpy(fit)])
         state = new_state(train, model, settings, len(fit), device, amp_dtype)
-        _fit(state, fit_split, None, train, fold_seed, settings, None, amp_dtype, "", progress=False)
+        train_epochs(state, fit_split, None, train, fold_seed, settings, None, amp_dtype, "", progress=False)
         keep_selected(state, fit_split, settings, amp_dtype)
         model.eval()
         with torch.no_grad():

@@ -36,7 +36,7 @@ def _first_epoch(params, input_mode: str, world: World = train.SINGLE_PROCESS) -
     front = train.read_front_end(paths)
     settings = train.resolve_settings(params.train, front, manifest, LENGTH, tuple(matrix.shape), len(classes))
     device = torch.device("cpu")
-    model = train._build(params.train, params.base.seed, front, matrix, len(classes), LENGTH, settings, device)
+    model = train.new_model(params.train, params.base.seed, front, matrix, len(classes), LENGTH, settings, device)
     data = train.load_split(model, manifest, "train", Path(params.base.raw_dir), classes, device, input_mode, LENGTH)
     optimizer = torch.optim.AdamW(train.trainable_parameters(model), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=100)
@@ -116,7 +116,7 @@ def test_two_ranks_read_disjoint_shares_that_cover_each_batch(small_stage_params
     matrix = parse.load_filter_bank(paths.filter_bank)[0]
     front = train.read_front_end(paths)
     settings = train.resolve_settings(params.train, front, manifest, LENGTH, tuple(matrix.shape), 5)
-    model = train._build(params.train, params.base.seed, front, matrix, 5, LENGTH, settings, torch.device("cpu"))
+    model = train.new_model(params.train, params.base.seed, front, matrix, 5, LENGTH, settings, torch.device("cpu"))
     data = train.load_split(model, manifest, "train", Path(params.base.raw_dir), classes, torch.device("cpu"), "stream", LENGTH)
     share = train.epoch_batches(len(data), 16, torch.Generator().manual_seed(1), World(1, 2, 1))
     list(data.batches(share))
