@@ -119,11 +119,12 @@ def choices(key: str, train: TrainConfig) -> list[Any]:
 
 
 def subsample(rows: pd.DataFrame, limit: int, seed: int) -> pd.DataFrame:
-    """At most `limit` rows, each class keeping its share (and at least one row)."""
+    """About `limit` rows, each class keeping its share and at least two rows (one where it has one):
+    a class cut to one signal could not be both trained on and held out."""
     if len(rows) <= limit:
         return rows
     share = limit / len(rows)
-    picked = [group.sample(n=max(1, round(len(group) * share)), random_state=seed)
+    picked = [group.sample(n=max(min(len(group), 2), round(len(group) * share)), random_state=seed)
               for _, group in rows.groupby("label", sort=True)]
     return pd.concat(picked).sort_index()
 
@@ -257,8 +258,7 @@ def _load_data(cfg: TuneConfig, base: BaseConfig, train: TrainConfig, paths: Art
     train = searched_head(train, front, tuple(matrix.shape), len(classes), signal_length, len(rows))
     limit = searched_signals(cfg, train, front, tuple(matrix.shape), len(classes), signal_length, len(rows))
     rows = subsample(rows, limit, base.seed)
-    counts = rows.label.value_counts()
-    if len(rows) < 2 * cfg.folds or counts.min() < 2:
+    if len(rows) < 2 * cfg.folds:
         return None
     reader = SignalReader(rows, raw_dir, signal_length)
     reader.check()
@@ -383,8 +383,8 @@ def run(cfg: TuneConfig, base: BaseConfig, train: TrainConfig) -> TuneResult:
     configure_backend(train, device)
     data = _load_data(cfg, base, train, paths, device)
     if data is None:
-        print(f"tune: too few training signals to cross-validate in {cfg.folds} folds (each class needs 2 and the "
-              f"split {2 * cfg.folds}); train uses params.yaml as written", flush=True)
+        print(f"tune: too few training signals to cross-validate in {cfg.folds} folds (at least {2 * cfg.folds}); "
+              "train uses params.yaml as written", flush=True)
         _write(paths, summary | {"stopped_by": "too_few_signals", "seconds": time.perf_counter() - started}, [], cfg.space)
         return TuneResult(0, {}, None, None, time.perf_counter() - started, "too_few_signals", 0)
     from optuna.trial import TrialState

@@ -175,3 +175,6 @@ def test_a_large_split_is_searched_on_a_subsample_the_budget_affords() -> None:
     rows = pd.DataFrame({"label": ["a"] * 90 + ["b"] * 10})
     picked = tune.subsample(rows, 20, seed=0)
     assert len(picked) == 20 and picked.label.value_counts().to_dict() == {"a": 18, "b": 2}
+    # a rare class keeps two signals (ECG5000: 2 of its 500 training signals), a singleton its one
+    rows = pd.DataFrame({"label": ["a"] * 480 + ["b"] * 17 + ["c"] * 2 + ["d"]})
+    assert tune.subsample(rows, 100, seed=0).label.value_counts().to_dict() == {"a": 96, "b": 3, "c": 2, "d": 1}
