@@ -100,9 +100,19 @@ def _converge_once(rollout_flow: object, params_file: str) -> None:
 
 def serve(params_file: str = str(DEFAULT_PARAMS), webhook: bool = True) -> None:
     """Run everything until interrupted."""
+    import signal
+
     from cwtops.registry.server import ensure_server
     from cwtops.serving.server import start as start_triton
 
+    def stop_during_start_up(signum: int, frame: object) -> None:
+        # SIGTERM before the runner takes it over (serve_deployments): nothing is served yet, so leave
+        # now, and within the bound even if a retrying call below swallows the exit
+        print("cwtops serve: stopped during start-up", file=sys.stderr, flush=True)
+        exit_within(SHUTDOWN_SECONDS, "stopped during start-up")
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop_during_start_up)
     params = load_params(params_file)
     print(f"Prefect API: {ensure_prefect_server()}")  # before Prefect is imported: it reads the URL once
     from flows.deployments import runner_deployments
