@@ -10,29 +10,7 @@ from pathlib import Path
 import torch
 from cwtops.core.config import TuneConfig
 from tasks import tune, train
-import yaml
-
-from bench.scratch import ROOT
-from cwtops.core.config import params_from_dict
-from cwtops.data.signals import equal_counts, write_sample_dataset
-from cwtops.data.weights import generate_filter_bank, write_weight_file
-from tasks import balance, parse
-
-
-def staged_params(tmp_path: Path, signals: int, length: int, seed: int, val_fraction: float, **train_settings):
-    """A small in-process project: sample signals, the default bank, this repository's params.yaml
-    with `train` overridden, parsed and balanced."""
-    write_sample_dataset(tmp_path / "raw", seed=seed, counts=equal_counts(signals), chunk=16, length=length)
-    write_weight_file(tmp_path / "my.txt", *generate_filter_bank())
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["base"].update({"raw_dir": str(tmp_path / "raw"), "weights": str(tmp_path / "my.txt"),
-                        "artifacts_dir": str(tmp_path / "artifacts"), "results_dir": str(tmp_path / "results")})
-    raw["balance"]["val_fraction"] = val_fraction
-    raw["train"].update(train_settings)
-    params = params_from_dict(raw)
-    parse.run(params.parse, params.base)
-    balance.run(params.balance, params.base)
-    return lambda: params
+from bench.scratch import staged_params
 
 print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 search = TuneConfig(trials=4, folds=3, budget=0.05, space=("dilations", "dropout", "warp", "raw_channel"))

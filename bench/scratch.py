@@ -48,3 +48,29 @@ def small_params(small: bool = True) -> dict:
     params["triton"].update({"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()})
     params["rollout"]["webhook_port"] = free_port()
     return params
+
+
+def staged_params(tmp_path: Path, signals: int, length: int, seed: int, val_fraction: float, **train: object):
+    """A tiny in-process project in `tmp_path` (sample signals, the default bank, this repository's
+    params.yaml with `train` overridden), parsed and balanced. Returns `make(**overrides)`: its
+    params with more train settings overridden."""
+    from cwtops.core.config import params_from_dict
+    from cwtops.data.signals import equal_counts, write_sample_dataset
+    from cwtops.data.weights import generate_filter_bank, write_weight_file
+    from tasks import balance, parse
+
+    write_sample_dataset(tmp_path / "raw", seed=seed, counts=equal_counts(signals), chunk=16, length=length)
+    write_weight_file(tmp_path / "my.txt", *generate_filter_bank())
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["base"].update({"raw_dir": str(tmp_path / "raw"), "weights": str(tmp_path / "my.txt"),
+                        "artifacts_dir": str(tmp_path / "artifacts"), "results_dir": str(tmp_path / "results")})
+    raw["balance"]["val_fraction"] = val_fraction
+    raw["train"].update(train)
+
+    def make(**train_overrides):
+        return params_from_dict({**raw, "train": {**raw["train"], **train_overrides}})
+
+    params = make()
+    parse.run(params.parse, params.base)
+    balance.run(params.balance, params.base)
+    return make
