@@ -313,3 +313,27 @@ assert log.stats.written == 1, log.stats
 assert "ssl" not in sys.modules  # the stand-in is gone: a later `import ssl` fails as before
 """)
     assert len(read_log(str(tmp_path), "m")) == 1
+
+
+def test_the_log_imports_parquet_before_its_writer_thread_starts(tmp_path: Path) -> None:
+    """The stand-in `ssl` exists only during the import, and the import happens in the constructor:
+    a request importing asyncio on another thread while the writer thread first writes must never
+    find the stand-in (it has no SSLWantReadError, and asyncio's import would fail)."""
+    run_without_ssl(f"""
+import threading
+seen = []
+start = threading.Thread.start
+def watched(thread):
+    seen.append(("pyarrow.parquet" in sys.modules, "ssl" in sys.modules))
+    start(thread)
+threading.Thread.start = watched
+log = module.InferenceLog({str(tmp_path)!r}, "m", 1, ["a"], 1.0, flush_seconds=0.05)
+threading.Thread.start = start
+assert seen == [(True, False)], seen
+before = set(sys.modules)
+log.offer("r", np.zeros((1, 1, 8), np.float32), np.zeros((1, 1), np.float32))
+log.close()
+assert log.stats.written == 1, log.stats
+assert "ssl" not in sys.modules
+import asyncio  # what a request may import: with no stand-in about, it loads without ssl
+""")

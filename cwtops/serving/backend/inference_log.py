@@ -131,6 +131,13 @@ class InferenceLog:
         self._queue: queue.Queue[Record | None] = queue.Queue(maxsize=max(1, int(queue_size)))
         self._random = random.Random(seed)
         self._s3 = None
+        try:
+            # Here, on the thread that builds the log (the backend's initialize, before any request),
+            # not on the writer thread: the import may put a stand-in `ssl` in sys.modules for a
+            # moment, and a request importing asyncio at that moment would get the stand-in.
+            import_parquet()
+        except Exception as error:  # noqa: BLE001 - the writes will fail and count it; serving goes on
+            self.stats.last_error = f"{type(error).__name__}: {error}"[:500]
         self._thread = threading.Thread(target=self._run, name="cwtops-inference-log", daemon=True)
         self._thread.start()
 
