@@ -330,7 +330,6 @@ threading.Thread.start = watched
 log = module.InferenceLog({str(tmp_path)!r}, "m", 1, ["a"], 1.0, flush_seconds=0.05)
 threading.Thread.start = start
 assert seen == [(True, False)], seen
-before = set(sys.modules)
 log.offer("r", np.zeros((1, 1, 8), np.float32), np.zeros((1, 1), np.float32))
 log.close()
 assert log.stats.written == 1, log.stats
