@@ -18,6 +18,7 @@ NumPy and pyarrow (its own S3 client too), so it runs in any Triton Python-backe
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -71,6 +72,7 @@ def _lists(blocks: list[np.ndarray]):  # noqa: ANN202 - a pyarrow ListArray
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
+@functools.cache  # once it has loaded: where `ssl` cannot, each `import ssl` would search and fail again
 def import_parquet():  # noqa: ANN201 - the pyarrow.parquet module
     """pyarrow.parquet, also where `ssl` cannot be imported.
 
