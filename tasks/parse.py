@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cwtops.core.artifacts import atomic_path, write_json
+from cwtops.core.artifacts import atomic_path, save_torch, write_json
 from cwtops.core.config import BaseConfig, ParseConfig
 from cwtops.core.derived import AUTO, auto_hop
 from cwtops.core.errors import CwtopsError
@@ -37,8 +37,7 @@ def save_filter_bank(path: Path, matrix: np.ndarray, lengths: np.ndarray, names:
         "lengths": torch.from_numpy(np.asarray(lengths, dtype=np.int64)),
         "names": list(names),
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    save_torch(path, payload)
 
 
 def load_filter_bank(path: Path | str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

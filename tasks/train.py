@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from torch import nn
 from tqdm import tqdm
 
-from cwtops.core.artifacts import atomic_path, sha256_file, write_json
+from cwtops.core.artifacts import atomic_path, save_torch, sha256_file, write_json
 from cwtops.core.config import BaseConfig, TrainConfig
 from cwtops.core.derived import WIDE_CHANNELS, WIDE_HIDDEN, TrainSettings, resolve_raw_channel, train_settings
 from cwtops.core.errors import CwtopsError
@@ -413,8 +413,7 @@ def _save_resume_point(state: TrainState, path: Path, fingerprint: str) -> None:
         "average_state": state.average_state,
         "averaged": state.averaged,
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    save_torch(path, payload)
 
 
 def _try_resume(state: TrainState, path: Path, fingerprint: str) -> int:
@@ -696,8 +695,7 @@ def _write_outputs(
         best_val_macro_f1=best_f1,
         settings=settings.summary(),
     )
-    with atomic_path(paths.model) as tmp:
-        torch.save(checkpoint, tmp)
+    save_torch(paths.model, checkpoint)
     _write_history(paths.history, state.history)
     write_json(
         paths.train_summary,

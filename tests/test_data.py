@@ -451,3 +451,14 @@ def test_cli_import_ucr_error_exits_non_zero(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "bad.tsv, line 2" in done.stderr
+
+
+def test_save_torch_writes_the_same_bytes_for_the_same_contents(tmp_path: Path) -> None:
+    from cwtops.core.artifacts import save_torch
+
+    payload = {"matrix": torch.arange(6, dtype=torch.float32).reshape(2, 3), "names": ["conv5", "conv6"]}
+    first, second = save_torch(tmp_path / "a.pt", payload), save_torch(tmp_path / "b" / "a.pt", payload)
+    assert first.read_bytes() == second.read_bytes()  # torch.save to a path would name the zip's folder after it
+    loaded = torch.load(second, weights_only=True)
+    assert torch.equal(loaded["matrix"], payload["matrix"]) and loaded["names"] == payload["names"]
+    assert sorted(path.name for path in tmp_path.rglob("*") if path.is_file()) == ["a.pt", "a.pt"]  # no temp files

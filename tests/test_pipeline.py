@@ -39,6 +39,15 @@ def test_second_repro_does_nothing(built_project: Path, services_env: dict) -> N
     assert "up to date" in run([str(BIN / "dvc"), "status"], built_project, services_env).stdout
 
 
+def test_forced_parse_writes_the_same_bytes_so_nothing_downstream_reruns(built_project: Path,
+                                                                         services_env: dict) -> None:
+    bank = built_project / "artifacts/parse/filter_bank.pt"
+    before = bank.read_bytes()
+    run([str(BIN / "dvc"), "repro", "--force", "--single-item", "parse"], built_project, services_env)
+    assert bank.read_bytes() == before
+    assert "up to date" in run([str(BIN / "dvc"), "status"], built_project, services_env).stdout
+
+
 def test_metrics_and_plots_are_declared(built_project: Path, services_env: dict) -> None:
     shown = run([str(BIN / "dvc"), "metrics", "show"], built_project, services_env).stdout
     for key in ("accuracy", "balanced_accuracy", "macro_f1"):

@@ -68,6 +68,20 @@ def write_bytes(path: Path | str, data: bytes) -> Path:
     return Path(path)
 
 
+def save_torch(path: Path | str, obj: Any) -> Path:
+    """`torch.save`, atomically, with the same bytes for the same contents.
+
+    Saved to a path, torch names the zip's inner folder after the file, and the temporary file's
+    name is random, so two identical saves would differ and DVC would see a changed output. Saved
+    to an open file, the folder is always `archive`.
+    """
+    import torch  # noqa: PLC0415 - only the stages that save tensors pay for importing torch
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(obj, handle)
+    return Path(path)
+
+
 def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
