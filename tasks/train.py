@@ -485,6 +485,7 @@ def model_args(cfg: TrainConfig, magnitude: str, n_filters: int, kernel_size: in
         raw_channel=raw_channel and cfg.head == "1d",
         decimate=decimate,
         dilations=dilations,
+        gain=cfg.gain and cfg.head == "1d",
     )
 
 

@@ -13,6 +13,7 @@ from cwtops.core.errors import CwtopsError
 from cwtops.data.weights import generate_filter_bank
 from cwtops.model.network import (
     DILATIONS_1D,
+    GAIN_RATE,
     CWTFrontEnd,
     HybridCWTNet,
     ModelArgs,
@@ -216,6 +217,53 @@ def test_the_raw_channel_joins_the_scales_and_exports_to_a_matching_graph(hop: i
     assert model.members[0].conv1[0].weight.shape[1] == 25 and head_flops(args)["conv1"] == 2 * 2 * steps * 25 * 8 * 7
     with pytest.raises(Exception, match="raw channel"):
         HybridCWTNet(ModelArgs(n_filters=16, kernel_size=matrix.shape[1], n_classes=3, signal_length=256, raw_channel=True), matrix)
+
+
+@pytest.mark.parametrize("raw_channel", [False, True])
+def test_the_learnt_gain_starts_as_log1p_moves_the_output_exports_and_round_trips(raw_channel: bool, tmp_path) -> None:
+    _, matrix = random_bank(seed=11, n_filters=24)
+    plain = ModelArgs(n_filters=24, kernel_size=matrix.shape[1], n_classes=4, signal_length=120, hop=2, head="1d",
+                      members=2, channels=(8, 8, 16, 16), hidden=12, raw_channel=raw_channel, decimate="mean")
+    torch.manual_seed(3)
+    without = _trained_like(HybridCWTNet(plain, matrix), seed=4)
+    torch.manual_seed(3)
+    model = _trained_like(HybridCWTNet(replace(plain, gain=True), matrix), seed=4)
+    gains = [member.log_gain for member in model.members]
+    assert all(g.shape == (24 + raw_channel, 1) and g.requires_grad for g in gains)
+    assert without.members[0].log_gain is None and "members.0.log_gain" not in without.state_dict()
+    signal = torch.randn(5, 1, 120) * 3 + 1
+    with torch.no_grad():
+        assert torch.allclose(model(signal), without(signal), atol=1e-6)  # a gain of 1 is log1p itself
+        for index, gain in enumerate(gains):
+            gain.copy_(torch.randn(gain.shape, generator=torch.Generator().manual_seed(index)) * 0.5)
+        moved = model(signal)
+        assert (moved - without(signal)).abs().max() > 1e-3  # each member's gain is in its path (10x the parity atol)
+        # per channel, log1p(g m) = log(m + 1 / g) + log g: the input BatchNorm sees the chosen floor
+        scalogram = model.scalogram(signal)
+        g = torch.exp(GAIN_RATE * gains[0])
+        expected = torch.sign(scalogram) * torch.log1p((scalogram * g).abs())
+        member = model.members[0]
+        assert torch.allclose(member(scalogram), _member_after_log(member, expected), atol=1e-5)
+    session = ort.InferenceSession(onnx_bytes(model, 120, 18, dynamic_length=False))
+    for batch in (1, 9):
+        batch_signal = torch.randn(batch, 1, 120)
+        (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: batch_signal.numpy()})
+        assert np.abs(logits - model(batch_signal).detach().numpy()).max() < 1e-4
+    torch.save(checkpoint_dict(model, ["a", "b", "c", "d"], "sha", {}), tmp_path / "gain.pt")
+    rebuilt, _ = load_checkpoint(tmp_path / "gain.pt")
+    assert rebuilt.args.gain and torch.allclose(rebuilt(signal), moved, atol=1e-6)
+    written_before = checkpoint_dict(without, ["a", "b", "c", "d"], "sha", {})
+    del written_before["model_args"]["gain"]
+    torch.save(written_before, tmp_path / "old.pt")  # from before the gain was a setting: log1p, as then
+    old, _ = load_checkpoint(tmp_path / "old.pt")
+    assert not old.args.gain and torch.allclose(old(signal), without(signal), atol=1e-6)
+
+
+def _member_after_log(member, compressed: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - a TimeHead
+    """A member's logits from already-compressed features: its layers after the gain and log1p."""
+    x = member.conv4(member.conv3(member.conv2(member.conv1(member.input_norm(compressed)))))
+    x = torch.cat([x.mean(dim=-1), x.amax(dim=-1)], dim=1)
+    return member.fc2(member.dropout(torch.relu(member.fc1(x))))
 
 
 def test_1d_head_checkpoint_round_trip_and_old_checkpoints_stay_2d(tmp_path) -> None:

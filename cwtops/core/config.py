@@ -93,6 +93,9 @@ class TrainConfig(Section):
     # branches each conv's channels are split between; auto: a wide branch whose receptive field is
     # about the T steps the head sees (d x (1, 4, 8, 16)) and a near one, (1, 2, 4, 8) (cwtops/core/derived.py)
     dilations: tuple[int, int, int, int] | list[tuple[int, int, int, int]] | Auto = "auto"
+    # 1d head: each member compresses the scales' magnitudes as log1p(g * m) with a learnt gain g per
+    # scale (the log's floor learnt per scale); false: log1p(m), the same fixed compression for every scale
+    gain: bool = True
     dropout: float = Field(0.1, ge=0, lt=1)
     stem: Literal["pool", "strided"] = "strided"  # 2d head: a stride-2 conv1, or conv1 + 2x2 max-pool (4x the cost)
     # augmentation, on the scalogram: a random shift in time of up to this share of its length

@@ -7,7 +7,9 @@ Shapes (S = 112 filters; T = L // hop time steps, 256-511 with `parse.hop: auto`
                                (`decimate: mean`) or read at every hop-th one (`sample`);
                                `magnitude: analytic` takes the modulus with each filter's Hilbert
                                pair instead (2S filters in the one convolution)
-    head "1d"   conv1..conv4   (the default) 1-D over time, the S scales as input channels:
+    head "1d"   log1p(g * m)   (the default) each scale's magnitude m compressed with a gain g learnt
+                               per scale and member (`train.gain`; false: log1p(m) for all)
+                conv1..conv4   1-D over time, the S scales as input channels:
                                kernels 7, 5, 5, 3, BatchNorm + ReLU; each conv's outputs split between
                                branches of different dilations (`train.dilations`; auto: a wide one,
                                d x (1, 4, 8, 16), whose field is the signal, and a near one, (1, 2, 4, 8))
@@ -248,6 +250,10 @@ class ModelArgs:
     # 1-D head: conv1..conv4's dilations, one tuple per branch (train.dilations); one branch is one
     # Conv1d per layer, as checkpoints from before branches were written. Four ints are one branch.
     dilations: Branches = (DILATIONS_1D,)
+    # 1-D head: each member compresses the scales as log1p(g * m) with a learnt gain g per input channel
+    # (train.gain), where log1p(m) has none: log(m + 1 / g) up to a constant the input BatchNorm removes,
+    # so each scale's floor of the log is learnt. Checkpoints written before: off.
+    gain: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dilations", as_branches(self.dilations))
@@ -308,12 +314,23 @@ def _time_conv(in_channels: int, out_channels: int, kernel: int, dilations: tupl
     return _BranchedConv1d(in_channels, out_channels, kernel, dilations)
 
 
+# The learnt gain is exp(GAIN_RATE * theta), theta starting at 0 (log1p itself). AdamW moves a parameter
+# by about the learning rate a step whatever its gradient's size, so theta alone would move the log's
+# floor by a factor e in a thousand steps at lr 0.001; the rate lets a run of a few thousand steps
+# reach the decades the scales' magnitudes span (median 0.03 to 0.3 of the signal's RMS on the
+# development list, BENCHMARKS.md). Weight decay pulls theta back towards log1p.
+GAIN_RATE = 4.0
+
+
 class TimeHead(nn.Module):
-    """conv1..conv4 over time (scales as channels), mean and max over time, fc1, fc2 -> logits."""
+    """[learnt gain, log1p,] input BatchNorm, conv1..conv4 over time (scales as channels), mean and max
+    over time, fc1, fc2 -> logits."""
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         widths = (args.input_channels, *args.channels)
+        # log1p(g * m) per input channel (train.gain); without it the log1p is applied before the members
+        self.log_gain = nn.Parameter(torch.zeros(args.input_channels, 1)) if args.gain else None
         self.input_norm = nn.BatchNorm1d(args.input_channels)  # per scale: scales differ in energy by decades
         for index, kernel in enumerate(KERNELS_1D, start=1):
             layer_dilations = tuple(branch[index - 1] for branch in args.dilations)
@@ -323,6 +340,8 @@ class TimeHead(nn.Module):
         self.fc2 = nn.Linear(args.hidden, args.n_classes)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.log_gain is not None:  # `features` are the magnitudes, not yet compressed
+            features = signed_log1p(features * torch.exp(GAIN_RATE * self.log_gain))
         x = self.input_norm(features)  # (B, S, T)
         x = self.conv4(self.conv3(self.conv2(self.conv1(x))))  # (B, c4, T)
         x = torch.cat([x.mean(dim=-1), x.amax(dim=-1)], dim=1)  # (B, 2 c4)
@@ -402,6 +421,8 @@ class HybridCWTNet(nn.Module):
 
     def member_logits(self, scalogram: torch.Tensor) -> list[torch.Tensor]:
         """Each ensemble member's logits (1-D head): what training fits, one loss per member."""
+        if self.args.gain:  # each member compresses with its own learnt gain
+            return [member(scalogram) for member in self.members]
         features = signed_log1p(scalogram)  # the raw channel, and every response under `magnitude: none`, is signed
         return [member(features) for member in self.members]
 
