@@ -15,7 +15,7 @@ from cwtops.core.derived import AUTO, auto_hop
 from cwtops.core.errors import CwtopsError
 from cwtops.core.paths import artifact_paths
 from cwtops.data.signals import load_signals, scan_raw
-from cwtops.data.weights import fit_warnings, fitted_filter_bank, is_default_bank, parse_weight_file
+from cwtops.data.weights import default_bank_w0, fit_warnings, fitted_filter_bank, parse_weight_file
 from cwtops.model.network import filter_bank_sha256
 
 log = logging.getLogger(__name__)
@@ -60,9 +60,10 @@ def run(cfg: ParseConfig, base: BaseConfig) -> ParseResult:
     bank = parse_weight_file(base.weights)
     manifest = scan_raw(Path(base.raw_dir))
     signal_length = int(load_signals(manifest.head(1), Path(base.raw_dir)).shape[1])
-    fitted = cfg.bank == "auto" and is_default_bank(bank)
-    if fitted:  # the generated default, not a user's own bank: its range follows the data
-        bank, _ = fitted_filter_bank(signal_length, len(bank.names))
+    default_w0 = default_bank_w0(bank) if cfg.bank == "auto" else None
+    fitted = default_w0 is not None
+    if fitted:  # a generated default, not a user's own bank: its range follows the data, its w0 stays
+        bank, _ = fitted_filter_bank(signal_length, len(bank.names), w0=default_w0)
         warnings = []
     else:  # a user's bank is used exactly as written; what does not fit the data is reported
         warnings = fit_warnings(bank, signal_length)

@@ -71,8 +71,32 @@ def test_generated_bank_is_a_real_cwt_filter_bank() -> None:
         assert abs(float(taps.astype(np.float64).sum())) < 1e-5  # zero mean (admissible)
         assert np.linalg.norm(taps.astype(np.float64)) == pytest.approx(1.0, abs=1e-5)
     ratio = np.array(header["peak_frequencies"]) / frequencies
-    assert np.all(np.abs(ratio - 1) < 0.15), ratio  # each filter responds where its header says
+    # each filter responds where its header says; the second (w0 3 at 0.38 cycles/sample, 9 taps) is
+    # so wide in frequency that its peak sits at Nyquist
+    assert ratio[1] == pytest.approx(0.5 / frequencies[1], rel=0.01)
+    assert np.all(np.abs(np.delete(ratio, 1) - 1) < 0.15), ratio
     assert generate_filter_bank()[0].sha256() == bank.sha256()  # deterministic
+
+
+def test_the_default_bank_alternates_frequency_sharp_and_time_sharp_morlets() -> None:
+    bank, header = generate_filter_bank()
+    assert header["w0"] == [6.0, 3.0]
+    lengths = np.array(bank.lengths)
+    uncapped = (lengths[0::2] < 257) & (lengths[1::2] < 257)
+    # w0 3: half the Gaussian's width, so about half the support of its w0-6 neighbour (one step higher;
+    # the supports are whole taps, so up to 0.625 on the shortest)
+    assert uncapped.sum() > 20
+    halves = (lengths[1::2][uncapped] - 1) / (lengths[0::2][uncapped] - 1)
+    assert np.all((halves >= 0.45) & (halves <= 0.63)), halves
+    # and twice the bandwidth: the half-power width of the spectrum, measured from the taps
+    def half_power_width(taps: np.ndarray) -> float:
+        spectrum = np.abs(np.fft.rfft(taps.astype(np.float64), 1 << 14)) ** 2
+        return float((spectrum >= spectrum.max() / 2).sum())
+    index = 40  # an uncapped pair in the middle of the range
+    assert 1.7 < half_power_width(bank.filters[index + 1]) / half_power_width(bank.filters[index]) < 2.3
+    one, header_one = generate_filter_bank(w0=6.0)  # one value: every scale the same (earlier versions' default)
+    assert header_one["w0"] == [6.0] and min(one.lengths) == 17 and one.sha256() != bank.sha256()
+    assert "w0 = 6, 3 in turn" in format_weight_file(bank, header) and "w0 = 6)" in format_weight_file(one, header_one)
 
 
 def test_ricker_bank_and_generator_arguments() -> None:
@@ -80,7 +104,8 @@ def test_ricker_bank_and_generator_arguments() -> None:
     assert bank.names[0] == "conv1" and bank.names[-1] == "conv20" and header["w0"] is None
     ratio = np.array(header["peak_frequencies"]) / np.array(header["centre_frequencies"])
     assert np.all(np.abs(ratio[1:] - 1) < 0.2), ratio  # the first sits at Nyquist, aliased
-    for bad in ({"wavelet": "haar"}, {"scales": 0}, {"max_length": 256}, {"f_min": 0.0}, {"f_max": 0.6}):
+    for bad in ({"wavelet": "haar"}, {"scales": 0}, {"max_length": 256}, {"f_min": 0.0}, {"f_max": 0.6}, {"w0": ()},
+                {"w0": (6.0, -1.0)}):
         with pytest.raises(CwtopsError):
             generate_filter_bank(**bad)  # type: ignore[arg-type]
 
@@ -257,7 +282,10 @@ def test_cli_generate_then_check(tmp_path: Path) -> None:
     done = subprocess.run([CWTOPS, "weights", "check", str(out)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "112 layers" in done.stdout and "conv5" in done.stdout and "conv116" in done.stdout
-    assert "filter lengths 17 .. 257" in done.stdout and "L2 norms" in done.stdout
+    assert "filter lengths 9 .. 257" in done.stdout and "L2 norms" in done.stdout
+    made = subprocess.run([CWTOPS, "weights", "generate", "--out", str(out), "--w0", "6"], capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    assert "(w0 = 6)" in out.read_text()[:400] and "lengths 17 .. 257" in made.stdout
 
 
 def test_cli_check_refuses_unusable_files_with_nonzero_exit(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import typer
 from cwtops.data.weights import (
     DEFAULT_FIRST_LAYER,
     DEFAULT_LAST_LAYER,
+    DEFAULT_W0,
     generate_filter_bank,
     parse_weight_file,
     summarize,
@@ -29,9 +30,11 @@ def generate(
     out: Path = typer.Option(Path("my.txt"), "--out", help="where to write the weight file (atomically)"),
     scales: int = typer.Option(112, "--scales", min=1, help="number of filters: layers conv5 .. conv{4+scales}"),
     wavelet: Wavelet = typer.Option(Wavelet.morlet, "--wavelet", help="mother wavelet"),
+    w0: list[float] = typer.Option(list(DEFAULT_W0), "--w0",
+                                   help="Morlet w0 (quality factor), repeat for values the scales take in turn"),
 ) -> None:
     """Write a real CWT filter bank in PyTorch's tensor print format, full float32 precision."""
-    bank, header = generate_filter_bank(scales=scales, wavelet=wavelet.value)
+    bank, header = generate_filter_bank(scales=scales, wavelet=wavelet.value, w0=w0)
     write_weight_file(out, bank, header)
     typer.echo(
         f"wrote {out}: {len(bank.names)} {wavelet.value} filters {bank.names[0]} .. {bank.names[-1]}, "

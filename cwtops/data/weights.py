@@ -20,6 +20,7 @@ import hashlib
 import itertools
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -480,6 +481,23 @@ def _peak_frequency(taps: np.ndarray, n_fft: int = 1 << 16) -> float:
     return float(np.argmax(spectrum) / n_fft)
 
 
+# The Morlet's w0 sets its quality factor: a Gaussian of sigma = w0 / (2 pi f) samples, so a relative
+# bandwidth of about 1 / w0. The scales take DEFAULT_W0's values in turn: frequency-sharp filters
+# (w0 6, the usual Morlet) and, between them, time-sharp ones (w0 3: half the support, twice the
+# bandwidth) over the same range, each kind at 8.4 filters an octave. Measured on the development
+# list (BENCHMARKS.md, what was tried). Earlier versions wrote w0 6 on every scale; a bank they
+# generated is still recognised as a default (`default_bank_w0`) and refitted with its own w0.
+DEFAULT_W0: tuple[float, ...] = (6.0, 3.0)
+EARLIER_DEFAULT_W0: tuple[tuple[float, ...], ...] = ((6.0,),)
+
+
+def _w0_values(w0: float | Sequence[float]) -> tuple[float, ...]:
+    values = (float(w0),) if isinstance(w0, (int, float)) else tuple(float(v) for v in w0)
+    if not values or min(values) <= 0:
+        raise CwtopsError(f"w0: one positive number or a list of them (taken by the scales in turn), got {w0!r}")
+    return values
+
+
 def _check_generator_args(scales: int, wavelet: str, f_max: float, f_min: float, max_length: int) -> None:
     if wavelet not in ("morlet", "ricker"):
         raise CwtopsError(f"unknown wavelet '{wavelet}'; choose one of: morlet, ricker")
@@ -495,21 +513,23 @@ def generate_filter_bank(
     first_layer: int = DEFAULT_FIRST_LAYER,
     f_max: float = 0.4,
     f_min: float = 0.004,
-    w0: float = 6.0,
+    w0: float | Sequence[float] = DEFAULT_W0,
     max_length: int = 257,
 ) -> tuple[FilterBank, dict[str, Any]]:
     """A real CWT filter bank and its header: one L2-normalised, zero-mean wavelet per scale.
 
     Centre frequencies are geometrically spaced from `f_max` down to `f_min` cycles/sample.
+    Morlet: scale i has w0[i % len(w0)] (one number: every scale the same).
     Filters have odd lengths; the lowest frequencies would need more than `max_length` taps, so
     their support is capped there (the header counts them and records the measured spectral
     peak of every filter next to its nominal centre frequency).
     """
     _check_generator_args(scales, wavelet, f_max, f_min, max_length)
+    w0s = _w0_values(w0)
     frequencies = np.geomspace(f_max, f_min, scales)
     max_half = (max_length - 1) // 2
     if wavelet == "morlet":
-        waves = [_morlet(float(f), w0, max_half) for f in frequencies]
+        waves = [_morlet(float(f), w0s[i % len(w0s)], max_half) for i, f in enumerate(frequencies)]
     else:
         waves = [_ricker(float(f), max_half) for f in frequencies]
     names = tuple(f"conv{first_layer + i}" for i in range(scales))
@@ -518,7 +538,7 @@ def generate_filter_bank(
         "wavelet": wavelet,
         "scales": scales,
         "first_layer": first_layer,
-        "w0": w0 if wavelet == "morlet" else None,
+        "w0": list(w0s) if wavelet == "morlet" else None,
         "support_sigmas": 3.0 if wavelet == "morlet" else 4.0,
         "max_length": max_length,
         "capped": bank.lengths.count(max_length),
@@ -546,7 +566,8 @@ def _header_lines(bank: FilterBank, header: dict[str, Any]) -> list[str]:
         f"({len(bank.names)} filters, lengths {min(bank.lengths)} .. {max(bank.lengths)})",
     ]
     if header.get("wavelet"):
-        w0 = f" (w0 = {header['w0']:g})" if header.get("w0") else ""
+        values = _w0_values(header["w0"]) if header.get("w0") else ()
+        w0 = f" (w0 = {', '.join(f'{v:g}' for v in values)}{' in turn' if len(values) > 1 else ''})" if values else ""
         lines.append(f"# wavelet: {header['wavelet']}{w0}, scales: {header.get('scales', len(bank.names))}")
     if header.get("max_length"):
         sigmas, capped = header.get("support_sigmas", 3), header.get("capped", 0)
@@ -605,20 +626,30 @@ FIT_CYCLES_PER_SIGNAL = 2.0
 DEFAULT_F_MIN, DEFAULT_F_MAX, DEFAULT_MAX_LENGTH = 0.004, 0.4, 257
 
 
+def default_bank_w0(bank: FilterBank) -> tuple[float, ...] | None:
+    """The w0 of the default bank `bank` is, to float32 rounding: what `cwtops init` writes now
+    (DEFAULT_W0) or wrote before (EARLIER_DEFAULT_W0); None for any other bank (a user's own)."""
+    for w0 in (DEFAULT_W0, *EARLIER_DEFAULT_W0):
+        default, _ = generate_filter_bank(w0=w0)
+        if bank.lengths == default.lengths and all(
+            np.allclose(mine, theirs, rtol=0, atol=1e-6) for mine, theirs in zip(bank.filters, default.filters)
+        ):
+            return w0
+    return None
+
+
 def is_default_bank(bank: FilterBank) -> bool:
-    """True for the bank `cwtops init` writes (the generator's defaults), to float32 rounding."""
-    default, _ = generate_filter_bank()
-    return bank.lengths == default.lengths and all(
-        np.allclose(mine, theirs, rtol=0, atol=1e-6) for mine, theirs in zip(bank.filters, default.filters)
-    )
+    """True for a bank `cwtops init` writes or wrote (the generator's defaults), to float32 rounding."""
+    return default_bank_w0(bank) is not None
 
 
-def fitted_filter_bank(signal_length: int, scales: int = 112) -> tuple[FilterBank, dict[str, Any]]:
+def fitted_filter_bank(signal_length: int, scales: int = 112,
+                       w0: float | Sequence[float] = DEFAULT_W0) -> tuple[FilterBank, dict[str, Any]]:
     """The default generator, its frequency range and filter lengths fitted to `signal_length`."""
     f_max = DEFAULT_F_MAX
     f_min = min(f_max / 2, max(DEFAULT_F_MIN, FIT_CYCLES_PER_SIGNAL / signal_length))
     max_length = min(DEFAULT_MAX_LENGTH, max(3, signal_length - 1 if signal_length % 2 == 0 else signal_length))
-    bank, header = generate_filter_bank(scales=scales, f_max=f_max, f_min=f_min, max_length=max_length)
+    bank, header = generate_filter_bank(scales=scales, f_max=f_max, f_min=f_min, w0=w0, max_length=max_length)
     return bank, {**header, "fitted_to_length": signal_length}
 
 
