@@ -86,6 +86,8 @@ def run(cfg: ParseConfig, base: BaseConfig) -> ParseResult:
             # true: the file is the generated default bank, refitted to the signal length
             # (parse.bank: auto); false: the file's own filters, as written
             "fitted_to_signals": fitted,
+            # the default bank's w0 (each scale's in turn) when it was recognised as one; null otherwise
+            "default_w0": list(default_w0) if fitted else None,
             "fit_warnings": warnings,
             # the scalogram the head sees: |conv| (or its square), decimated by hop (`auto`: from the length)
             "magnitude": cfg.magnitude,

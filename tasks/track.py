@@ -97,6 +97,8 @@ def resolved_settings(summary: dict, bank: dict | None = None) -> dict[str, obje
         resolved["train.selected_by"] = summary["selected_by"]
     if bank and "fitted_to_signals" in bank:
         resolved["parse.bank"] = "default bank fitted to the signals" if bank["fitted_to_signals"] else "as written in the file"
+    if bank and bank.get("default_w0"):  # which default: w0 of each scale in turn
+        resolved["parse.bank_w0"] = ", ".join(f"{w0:g}" for w0 in bank["default_w0"])
     if "derived" in settings:
         resolved["derived"] = ",".join(settings["derived"]) or "none"
     return resolved

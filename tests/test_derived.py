@@ -86,13 +86,15 @@ def test_default_bank_is_refitted_a_users_bank_is_only_checked() -> None:
         assert fit_warnings(fitted, length) == []
     long_enough, _ = fitted_filter_bank(500)  # the default range fits: the default bank itself
     assert long_enough.sha256() == default.sha256()
-    # a default bank written by an earlier version (w0 6 on every scale) is still a default, refitted
-    # with its own w0: an existing project's features do not change under it
-    earlier, _ = generate_filter_bank(w0=6.0)
-    assert default_bank_w0(earlier) == (6.0,) and default_bank_w0(default) == DEFAULT_W0 and default_bank_w0(mine) is None
-    refitted, header = fitted_filter_bank(150, w0=(6.0,))
-    assert header["w0"] == [6.0] and refitted.sha256() != fitted_filter_bank(150)[0].sha256()
-    assert fitted_filter_bank(500, w0=(6.0,))[0].sha256() == earlier.sha256()
+    # a default bank written by an earlier version (w0 6 and 3 in turn, or w0 6 on every scale) is still
+    # a default, refitted with its own w0: an existing project's features do not change under it
+    assert default_bank_w0(default) == DEFAULT_W0 and default_bank_w0(mine) is None
+    for w0 in ((6.0, 3.0), (6.0,)):
+        earlier, _ = generate_filter_bank(w0=w0)
+        assert default_bank_w0(earlier) == w0
+        refitted, header = fitted_filter_bank(150, w0=w0)
+        assert header["w0"] == list(w0) and refitted.sha256() != fitted_filter_bank(150)[0].sha256()
+        assert fitted_filter_bank(500, w0=w0)[0].sha256() == earlier.sha256()
     warnings = fit_warnings(default, 24)
     assert any("longer than the 24-sample signals" in w for w in warnings)
     assert any("below one cycle per signal" in w for w in warnings)

@@ -561,7 +561,9 @@ def test_resolved_settings_name_what_auto_became() -> None:
     resolved = resolved_settings(summary, {"fitted_to_signals": False})
     assert resolved["parse.hop"] == 2 and resolved["train.members"] == 3 and resolved["data.n_train"] == 60
     assert resolved["derived"] == "parse.hop,train.members" and resolved["train.selected_by"] == "train_loss"
-    assert resolved["parse.bank"] == "as written in the file"
+    assert resolved["parse.bank"] == "as written in the file" and "parse.bank_w0" not in resolved
+    fitted = resolved_settings(summary, {"fitted_to_signals": True, "default_w0": [6.0, 3.0]})
+    assert fitted["parse.bank"] == "default bank fitted to the signals" and fitted["parse.bank_w0"] == "6, 3"
     assert resolved_settings({}) == {}
 
 

@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 import yaml
 
+from cwtops.data.weights import DEFAULT_W0
 from tests.conftest import BIN, run
 
 pytestmark = pytest.mark.slow
@@ -28,6 +29,8 @@ def test_repro_builds_every_artifact(built_project: Path) -> None:
     assert set(metrics) >= {"accuracy", "balanced_accuracy", "macro_f1"}
     assert metrics["macro_f1"] > 0.6  # a short run on 60 signals per class (0.78 measured); the default run is in the README
     assert any((built_project / "results").iterdir())
+    bank = json.loads((art / "parse/filter_bank.json").read_text())  # the project's my.txt is `cwtops init`'s
+    assert bank["fitted_to_signals"] and tuple(bank["default_w0"]) == DEFAULT_W0
 
 
 def test_second_repro_does_nothing(built_project: Path, services_env: dict) -> None:

@@ -71,32 +71,45 @@ def test_generated_bank_is_a_real_cwt_filter_bank() -> None:
         assert abs(float(taps.astype(np.float64).sum())) < 1e-5  # zero mean (admissible)
         assert np.linalg.norm(taps.astype(np.float64)) == pytest.approx(1.0, abs=1e-5)
     ratio = np.array(header["peak_frequencies"]) / frequencies
-    # each filter responds where its header says; the second (w0 3 at 0.38 cycles/sample, 9 taps) is
-    # so wide in frequency that its peak sits at Nyquist
+    one_cycle = np.resize(header["w0"], 112) == 1.5
+    # each filter of w0 6 and 3 responds where its header says; the second (w0 3 at 0.38 cycles/sample,
+    # 9 taps) is so wide in frequency that its peak sits at Nyquist
     assert ratio[1] == pytest.approx(0.5 / frequencies[1], rel=0.01)
-    assert np.all(np.abs(np.delete(ratio, 1) - 1) < 0.15), ratio
+    sharp = ~one_cycle
+    sharp[1] = False
+    assert np.all(np.abs(ratio[sharp] - 1) < 0.15), ratio
+    # the one-cycle filters (w0 1.5): the zero-mean correction removes the Gaussian's low-frequency
+    # half, so the measured peak sits above the nominal frequency, as the header records
+    assert np.all((ratio[one_cycle] > 1.1) & (ratio[one_cycle] < 1.7)), ratio[one_cycle]
     assert generate_filter_bank()[0].sha256() == bank.sha256()  # deterministic
 
 
-def test_the_default_bank_alternates_frequency_sharp_and_time_sharp_morlets() -> None:
+def test_the_default_bank_takes_three_resolutions_in_turn() -> None:
     bank, header = generate_filter_bank()
-    assert header["w0"] == [6.0, 3.0]
+    assert header["w0"] == [6.0, 3.0, 1.5]
     lengths = np.array(bank.lengths)
-    uncapped = (lengths[0::2] < 257) & (lengths[1::2] < 257)
-    # w0 3: half the Gaussian's width, so about half the support of its w0-6 neighbour (one step higher;
-    # the supports are whole taps, so up to 0.625 on the shortest)
+    sharp, time_sharp, one_cycle = lengths[0::3][:37], lengths[1::3][:37], lengths[2::3][:37]
+    uncapped = (sharp < 257) & (time_sharp < 257) & (one_cycle < 257)
     assert uncapped.sum() > 20
-    halves = (lengths[1::2][uncapped] - 1) / (lengths[0::2][uncapped] - 1)
-    assert np.all((halves >= 0.45) & (halves <= 0.63)), halves
-    # and twice the bandwidth: the half-power width of the spectrum, measured from the taps
+    # each kind has half the Gaussian's width of the one before it (one step higher in frequency), so
+    # about half its support (the supports are whole taps, so up to 0.63 on the shortest)
+    for wider, narrower in ((sharp, time_sharp), (time_sharp, one_cycle)):
+        halves = (narrower[uncapped] - 1) / (wider[uncapped] - 1)
+        assert np.all((halves >= 0.45) & (halves <= 0.63)), halves
+    # and a wider spectrum: the half-power width, measured from the taps (w0 3 twice w0 6's; w0 1.5's
+    # less than twice w0 3's, as the zero-mean correction cuts its low-frequency side)
     def half_power_width(taps: np.ndarray) -> float:
         spectrum = np.abs(np.fft.rfft(taps.astype(np.float64), 1 << 14)) ** 2
         return float((spectrum >= spectrum.max() / 2).sum())
-    index = 40  # an uncapped pair in the middle of the range
-    assert 1.7 < half_power_width(bank.filters[index + 1]) / half_power_width(bank.filters[index]) < 2.3
-    one, header_one = generate_filter_bank(w0=6.0)  # one value: every scale the same (earlier versions' default)
-    assert header_one["w0"] == [6.0] and min(one.lengths) == 17 and one.sha256() != bank.sha256()
-    assert "w0 = 6, 3 in turn" in format_weight_file(bank, header) and "w0 = 6)" in format_weight_file(one, header_one)
+    index = 39  # an uncapped triple in the middle of the range, w0 6 first
+    widths = [half_power_width(bank.filters[index + k]) for k in range(3)]
+    assert 1.7 < widths[1] / widths[0] < 2.3 and 1.4 < widths[2] / widths[1] < 2.0, widths
+    for earlier_w0, shortest in (((6.0, 3.0), 9), (6.0, 17)):  # the defaults of earlier versions
+        earlier, earlier_header = generate_filter_bank(w0=earlier_w0)
+        assert min(earlier.lengths) == shortest and earlier.sha256() != bank.sha256()
+        assert earlier_header["w0"] == list(np.atleast_1d(earlier_w0))
+    assert "w0 = 6, 3, 1.5 in turn" in format_weight_file(bank, header)
+    assert "w0 = 6)" in format_weight_file(*generate_filter_bank(w0=6.0))
 
 
 def test_ricker_bank_and_generator_arguments() -> None:
@@ -282,7 +295,7 @@ def test_cli_generate_then_check(tmp_path: Path) -> None:
     done = subprocess.run([CWTOPS, "weights", "check", str(out)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "112 layers" in done.stdout and "conv5" in done.stdout and "conv116" in done.stdout
-    assert "filter lengths 9 .. 257" in done.stdout and "L2 norms" in done.stdout
+    assert "filter lengths 5 .. 257" in done.stdout and "L2 norms" in done.stdout
     made = subprocess.run([CWTOPS, "weights", "generate", "--out", str(out), "--w0", "6"], capture_output=True, text=True)
     assert made.returncode == 0, made.stderr
     assert "(w0 = 6)" in out.read_text()[:400] and "lengths 17 .. 257" in made.stdout

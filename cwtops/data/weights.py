@@ -482,13 +482,15 @@ def _peak_frequency(taps: np.ndarray, n_fft: int = 1 << 16) -> float:
 
 
 # The Morlet's w0 sets its quality factor: a Gaussian of sigma = w0 / (2 pi f) samples, so a relative
-# bandwidth of about 1 / w0. The scales take DEFAULT_W0's values in turn: frequency-sharp filters
-# (w0 6, the usual Morlet) and, between them, time-sharp ones (w0 3: half the support, twice the
-# bandwidth) over the same range, each kind at 8.4 filters an octave. Measured on the development
-# list (BENCHMARKS.md, what was tried). Earlier versions wrote w0 6 on every scale; a bank they
+# bandwidth of about 1 / w0. The scales take DEFAULT_W0's values in turn, three resolutions over one
+# range, each at 5.6 filters an octave: frequency-sharp filters (w0 6, the usual Morlet), time-sharp
+# ones (w0 3: half the support, twice the bandwidth) and one-cycle ones (w0 1.5: a quarter of the
+# support; the zero-mean correction lifts their spectral peak 1.2-1.6x above the nominal frequency,
+# as the header's measured peaks show). Measured on the development list (BENCHMARKS.md, what was
+# tried). Earlier versions wrote w0 6 and 3 in turn, and before that w0 6 on every scale; a bank they
 # generated is still recognised as a default (`default_bank_w0`) and refitted with its own w0.
-DEFAULT_W0: tuple[float, ...] = (6.0, 3.0)
-EARLIER_DEFAULT_W0: tuple[tuple[float, ...], ...] = ((6.0,),)
+DEFAULT_W0: tuple[float, ...] = (6.0, 3.0, 1.5)
+EARLIER_DEFAULT_W0: tuple[tuple[float, ...], ...] = ((6.0, 3.0), (6.0,))
 
 
 def _w0_values(w0: float | Sequence[float]) -> tuple[float, ...]:
@@ -505,6 +507,21 @@ def _check_generator_args(scales: int, wavelet: str, f_max: float, f_min: float,
         raise CwtopsError(f"need scales >= 1 and an odd max_length >= 3 (got scales={scales}, max_length={max_length})")
     if not 0 < f_min <= f_max < 0.5:
         raise CwtopsError(f"need 0 < f_min <= f_max < 0.5 cycles/sample (got f_min={f_min}, f_max={f_max})")
+
+
+def _generated_bank(scales: int, wavelet: str, first_layer: int, f_max: float, f_min: float,
+                    w0: float | Sequence[float], max_length: int) -> FilterBank:
+    """The generator's filters alone, without the header's measured spectral peaks (112 long FFTs)."""
+    _check_generator_args(scales, wavelet, f_max, f_min, max_length)
+    w0s = _w0_values(w0)
+    frequencies = np.geomspace(f_max, f_min, scales)
+    max_half = (max_length - 1) // 2
+    if wavelet == "morlet":
+        waves = [_morlet(float(f), w0s[i % len(w0s)], max_half) for i, f in enumerate(frequencies)]
+    else:
+        waves = [_ricker(float(f), max_half) for f in frequencies]
+    names = tuple(f"conv{first_layer + i}" for i in range(scales))
+    return FilterBank(names, tuple(wave.astype(np.float32) for wave in waves), "<generated>")
 
 
 def generate_filter_bank(
@@ -524,16 +541,8 @@ def generate_filter_bank(
     their support is capped there (the header counts them and records the measured spectral
     peak of every filter next to its nominal centre frequency).
     """
-    _check_generator_args(scales, wavelet, f_max, f_min, max_length)
+    bank = _generated_bank(scales, wavelet, first_layer, f_max, f_min, w0, max_length)
     w0s = _w0_values(w0)
-    frequencies = np.geomspace(f_max, f_min, scales)
-    max_half = (max_length - 1) // 2
-    if wavelet == "morlet":
-        waves = [_morlet(float(f), w0s[i % len(w0s)], max_half) for i, f in enumerate(frequencies)]
-    else:
-        waves = [_ricker(float(f), max_half) for f in frequencies]
-    names = tuple(f"conv{first_layer + i}" for i in range(scales))
-    bank = FilterBank(names, tuple(wave.astype(np.float32) for wave in waves), "<generated>")
     header = {
         "wavelet": wavelet,
         "scales": scales,
@@ -542,7 +551,7 @@ def generate_filter_bank(
         "support_sigmas": 3.0 if wavelet == "morlet" else 4.0,
         "max_length": max_length,
         "capped": bank.lengths.count(max_length),
-        "centre_frequencies": [float(f) for f in frequencies],
+        "centre_frequencies": [float(f) for f in np.geomspace(f_max, f_min, scales)],
         "peak_frequencies": [_peak_frequency(taps) for taps in bank.filters],
         "lengths": list(bank.lengths),
     }
@@ -623,15 +632,17 @@ def summarize(bank: FilterBank) -> dict[str, Any]:
 # for the default range keep it: lowering it further spent scales on frequencies below 8 cycles
 # per signal, and the sample data lost 4 points of macro-F1 (0.888 -> 0.848).
 FIT_CYCLES_PER_SIGNAL = 2.0
-DEFAULT_F_MIN, DEFAULT_F_MAX, DEFAULT_MAX_LENGTH = 0.004, 0.4, 257
+DEFAULT_F_MIN, DEFAULT_F_MAX, DEFAULT_MAX_LENGTH, DEFAULT_SCALES = 0.004, 0.4, 257, 112
 
 
 def default_bank_w0(bank: FilterBank) -> tuple[float, ...] | None:
-    """The w0 of the default bank `bank` is, to float32 rounding: what `cwtops init` writes now
-    (DEFAULT_W0) or wrote before (EARLIER_DEFAULT_W0); None for any other bank (a user's own)."""
+    """Which default `bank` is, by its w0: the bank `cwtops init` writes now (DEFAULT_W0) or one it
+    wrote before (EARLIER_DEFAULT_W0), matched tap by tap to float32 rounding; None for any other
+    bank, a user's own."""
     for w0 in (DEFAULT_W0, *EARLIER_DEFAULT_W0):
-        default, _ = generate_filter_bank(w0=w0)
-        if bank.lengths == default.lengths and all(
+        default = _generated_bank(DEFAULT_SCALES, "morlet", DEFAULT_FIRST_LAYER, DEFAULT_F_MAX,
+                                  DEFAULT_F_MIN, w0, DEFAULT_MAX_LENGTH)
+        if bank.names == default.names and bank.lengths == default.lengths and all(
             np.allclose(mine, theirs, rtol=0, atol=1e-6) for mine, theirs in zip(bank.filters, default.filters)
         ):
             return w0
