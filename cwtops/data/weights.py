@@ -491,6 +491,9 @@ def _peak_frequency(taps: np.ndarray, n_fft: int = 1 << 16) -> float:
 # generated is still recognised as a default (`default_bank_w0`) and refitted with its own w0.
 DEFAULT_W0: tuple[float, ...] = (6.0, 3.0, 1.5)
 EARLIER_DEFAULT_W0: tuple[tuple[float, ...], ...] = ((6.0, 3.0), (6.0,))
+# The default range and support: the generator's defaults, and what recognising a default bank
+# (`default_bank_w0`) and fitting it to short signals (`fitted_filter_bank`) start from.
+DEFAULT_SCALES, DEFAULT_F_MAX, DEFAULT_F_MIN, DEFAULT_MAX_LENGTH = 112, 0.4, 0.004, 257
 
 
 def _w0_values(w0: float | Sequence[float]) -> tuple[float, ...]:
@@ -509,9 +512,10 @@ def _check_generator_args(scales: int, wavelet: str, f_max: float, f_min: float,
         raise CwtopsError(f"need 0 < f_min <= f_max < 0.5 cycles/sample (got f_min={f_min}, f_max={f_max})")
 
 
-def _generated_bank(scales: int, wavelet: str, first_layer: int, f_max: float, f_min: float,
-                    w0: float | Sequence[float], max_length: int) -> FilterBank:
-    """The generator's filters alone, without the header's measured spectral peaks (112 long FFTs)."""
+def _generated(scales: int, wavelet: str, first_layer: int, f_max: float, f_min: float,
+               w0: float | Sequence[float], max_length: int) -> tuple[FilterBank, tuple[float, ...], np.ndarray]:
+    """The generator's filters alone (without the header's measured spectral peaks, 112 long FFTs),
+    with the w0 values and centre frequencies they were built from."""
     _check_generator_args(scales, wavelet, f_max, f_min, max_length)
     w0s = _w0_values(w0)
     frequencies = np.geomspace(f_max, f_min, scales)
@@ -521,17 +525,17 @@ def _generated_bank(scales: int, wavelet: str, first_layer: int, f_max: float, f
     else:
         waves = [_ricker(float(f), max_half) for f in frequencies]
     names = tuple(f"conv{first_layer + i}" for i in range(scales))
-    return FilterBank(names, tuple(wave.astype(np.float32) for wave in waves), "<generated>")
+    return FilterBank(names, tuple(wave.astype(np.float32) for wave in waves), "<generated>"), w0s, frequencies
 
 
 def generate_filter_bank(
-    scales: int = 112,
+    scales: int = DEFAULT_SCALES,
     wavelet: Literal["morlet", "ricker"] = "morlet",
     first_layer: int = DEFAULT_FIRST_LAYER,
-    f_max: float = 0.4,
-    f_min: float = 0.004,
+    f_max: float = DEFAULT_F_MAX,
+    f_min: float = DEFAULT_F_MIN,
     w0: float | Sequence[float] = DEFAULT_W0,
-    max_length: int = 257,
+    max_length: int = DEFAULT_MAX_LENGTH,
 ) -> tuple[FilterBank, dict[str, Any]]:
     """A real CWT filter bank and its header: one L2-normalised, zero-mean wavelet per scale.
 
@@ -541,8 +545,7 @@ def generate_filter_bank(
     their support is capped there (the header counts them and records the measured spectral
     peak of every filter next to its nominal centre frequency).
     """
-    bank = _generated_bank(scales, wavelet, first_layer, f_max, f_min, w0, max_length)
-    w0s = _w0_values(w0)
+    bank, w0s, frequencies = _generated(scales, wavelet, first_layer, f_max, f_min, w0, max_length)
     header = {
         "wavelet": wavelet,
         "scales": scales,
@@ -551,7 +554,7 @@ def generate_filter_bank(
         "support_sigmas": 3.0 if wavelet == "morlet" else 4.0,
         "max_length": max_length,
         "capped": bank.lengths.count(max_length),
-        "centre_frequencies": [float(f) for f in np.geomspace(f_max, f_min, scales)],
+        "centre_frequencies": [float(f) for f in frequencies],
         "peak_frequencies": [_peak_frequency(taps) for taps in bank.filters],
         "lengths": list(bank.lengths),
     }
@@ -632,7 +635,6 @@ def summarize(bank: FilterBank) -> dict[str, Any]:
 # for the default range keep it: lowering it further spent scales on frequencies below 8 cycles
 # per signal, and the sample data lost 4 points of macro-F1 (0.888 -> 0.848).
 FIT_CYCLES_PER_SIGNAL = 2.0
-DEFAULT_F_MIN, DEFAULT_F_MAX, DEFAULT_MAX_LENGTH, DEFAULT_SCALES = 0.004, 0.4, 257, 112
 
 
 def default_bank_w0(bank: FilterBank) -> tuple[float, ...] | None:
@@ -640,8 +642,8 @@ def default_bank_w0(bank: FilterBank) -> tuple[float, ...] | None:
     wrote before (EARLIER_DEFAULT_W0), matched tap by tap to float32 rounding; None for any other
     bank, a user's own."""
     for w0 in (DEFAULT_W0, *EARLIER_DEFAULT_W0):
-        default = _generated_bank(DEFAULT_SCALES, "morlet", DEFAULT_FIRST_LAYER, DEFAULT_F_MAX,
-                                  DEFAULT_F_MIN, w0, DEFAULT_MAX_LENGTH)
+        default, _, _ = _generated(DEFAULT_SCALES, "morlet", DEFAULT_FIRST_LAYER, DEFAULT_F_MAX,
+                                   DEFAULT_F_MIN, w0, DEFAULT_MAX_LENGTH)
         if bank.names == default.names and bank.lengths == default.lengths and all(
             np.allclose(mine, theirs, rtol=0, atol=1e-6) for mine, theirs in zip(bank.filters, default.filters)
         ):
@@ -654,7 +656,7 @@ def is_default_bank(bank: FilterBank) -> bool:
     return default_bank_w0(bank) is not None
 
 
-def fitted_filter_bank(signal_length: int, scales: int = 112,
+def fitted_filter_bank(signal_length: int, scales: int = DEFAULT_SCALES,
                        w0: float | Sequence[float] = DEFAULT_W0) -> tuple[FilterBank, dict[str, Any]]:
     """The default generator, its frequency range and filter lengths fitted to `signal_length`."""
     f_max = DEFAULT_F_MAX
