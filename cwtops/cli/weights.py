@@ -10,6 +10,7 @@ import typer
 from cwtops.data.weights import (
     DEFAULT_FIRST_LAYER,
     DEFAULT_LAST_LAYER,
+    DEFAULT_SCALES,
     DEFAULT_W0,
     generate_filter_bank,
     parse_weight_file,
@@ -28,7 +29,7 @@ class Wavelet(str, Enum):
 @weights_app.command("generate")
 def generate(
     out: Path = typer.Option(Path("my.txt"), "--out", help="where to write the weight file (atomically)"),
-    scales: int = typer.Option(112, "--scales", min=1, help="number of filters: layers conv5 .. conv{4+scales}"),
+    scales: int = typer.Option(DEFAULT_SCALES, "--scales", min=1, help="number of filters: layers conv5 .. conv{4+scales}"),
     wavelet: Wavelet = typer.Option(Wavelet.morlet, "--wavelet", help="mother wavelet"),
     w0: list[float] = typer.Option(list(DEFAULT_W0), "--w0",
                                    help="Morlet w0 (quality factor), repeat for values the scales take in turn"),
