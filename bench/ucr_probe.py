@@ -3,7 +3,8 @@
 For each dataset: 1-nearest-neighbour test accuracy (official split, Euclidean) on the raw
 signals, and on the scale spectrum, each filter's mean over time of the scalogram the head is fed
 (the default bank as `cwtops init` writes it, `parse.hop: auto`, `decimate: mean`, `magnitude:
-abs`, signed log1p), each feature standardised on the training split. For signals shorter than
+abs`, signed log1p), and on the value distribution (the standardised signal's 32 quantiles, what
+the zero-mean filters' magnitudes cannot see), each feature standardised on the training split. For signals shorter than
 the bank's longest filters the pipeline refits the bank (`parse.bank: auto`) and this probe does not. Where the spectrum alone beats the trained head, the
 head is not using what the front-end gives it (BENCHMARKS.md, what was tried: ACSF1).
 
@@ -42,6 +43,13 @@ def scale_spectrum(signals: np.ndarray, hop: int) -> np.ndarray:
         return signed_log1p(frontend(x)).mean(-1).numpy()
 
 
+def value_quantiles(signals: np.ndarray, count: int = 32) -> np.ndarray:
+    """(N, count): each standardised signal's values at `count` evenly spaced quantiles, min to max."""
+    centred = signals - signals.mean(1, keepdims=True)
+    standardised = centred / np.sqrt(np.square(centred).mean(1, keepdims=True) + 1e-8)
+    return np.quantile(standardised, np.linspace(0, 1, count), axis=1).T
+
+
 def nearest_neighbour(train: np.ndarray, y_train: np.ndarray, test: np.ndarray, y_test: np.ndarray,
                       standardise: bool = False) -> float:
     if standardise:
@@ -60,6 +68,8 @@ def probe(name: str) -> dict:
         "hop": hop,
         "raw_1nn": nearest_neighbour(x_train, y_train, x_test, y_test),
         "spectrum_1nn": nearest_neighbour(spectrum_train, y_train, spectrum_test, y_test, standardise=True),
+        "quantiles_1nn": nearest_neighbour(value_quantiles(x_train), y_train, value_quantiles(x_test), y_test,
+                                           standardise=True),
     }
 
 
@@ -69,9 +79,10 @@ def main() -> None:
     parser.add_argument("--out", help="results JSON")
     args = parser.parse_args()
     rows = [probe(name) for name in args.datasets.split(",")]
-    print(f"{'dataset':22s} {'hop':>4s} {'raw 1-NN':>9s} {'spectrum 1-NN':>14s}")
+    print(f"{'dataset':22s} {'hop':>4s} {'raw 1-NN':>9s} {'spectrum 1-NN':>14s} {'quantiles 1-NN':>15s}")
     for row in rows:
-        print(f"{row['dataset']:22s} {row['hop']:4d} {row['raw_1nn']:9.3f} {row['spectrum_1nn']:14.3f}")
+        print(f"{row['dataset']:22s} {row['hop']:4d} {row['raw_1nn']:9.3f} {row['spectrum_1nn']:14.3f} "
+              f"{row['quantiles_1nn']:15.3f}")
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(rows, handle, indent=1)
