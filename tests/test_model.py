@@ -320,11 +320,38 @@ def test_parity_judges_each_logit_against_atol_plus_rtol_times_its_size() -> Non
     assert not compare(reference, reference + np.array([[0.0, 0.0], [1.5e-4, 0.0]]), cfg)["passed"]
     # a large logit 1% off fails on its relative size
     assert not compare(reference, reference * np.array([[1.01, 1.0], [1.0, 1.0]]), cfg)["passed"]
-    # within tolerance, but the argmax flips on a real signal: fails; on a random one it passes
-    tie = np.array([[1.0, 1.00005]])
-    flipped = np.array([[1.00006, 1.00005]])
-    assert not compare(tie, flipped, cfg)["passed"]
-    assert compare(tie, flipped, cfg, require_argmax=False)["passed"]
+    # within tolerance, the class flips where the reference's two logits are tied within it: counted, and
+    # allowed on a real signal unless parity.allow_ties is off (always allowed on random signals)
+    tie = np.array([[1.0, 1.00005], [3.0, -1.0]])
+    flipped = np.array([[1.00006, 1.00005], [3.0, -1.0]])
+    figures = compare(tie, flipped, cfg)
+    assert figures["passed"] and figures["argmax_ties"] == 1 and figures["argmax_agreement"] == 0.5
+    strict = ParityConfig(atol=1e-4, rtol=1e-3, allow_ties=False)
+    assert not compare(tie, flipped, strict)["passed"]
+    assert compare(tie, flipped, strict, require_argmax=False)["passed"]
+    # a class that differs by more than a tie comes with a logit beyond the tolerance: fails either way
+    apart = np.array([[1.0, 1.01]])
+    beyond = compare(apart, np.array([[1.02, 1.01]]), cfg, require_argmax=False)
+    assert not beyond["passed"] and beyond["argmax_ties"] == 0 and beyond["argmax_agreement"] == 0.0
+
+
+def test_a_tie_is_judged_by_both_logits_allowances() -> None:
+    """The reference's lead of its class over the candidate's is compared with what the tolerance lets
+    both logits move: just inside, a tie; just outside, a real disagreement (which cannot come
+    without a logit beyond the tolerance, so both flags fail together)."""
+    from cwtops.model.parity import compare_logits
+
+    atol, rtol = 1e-4, 1e-3
+    allowance = 2 * (atol + rtol * 1.0)  # two logits near 1.0
+    for lead, tie in ((0.9 * allowance, True), (1.1 * allowance, False)):
+        reference = np.array([[1.0 + lead, 1.0]])
+        # the candidate moves both logits by the same share of the lead, so that the second wins
+        candidate = np.array([[1.0 + 0.45 * lead, 1.0 + 0.55 * lead]])
+        figures = compare_logits(reference, candidate, atol, rtol)
+        assert figures["argmax_agreement"] == 0.0 and figures["argmax_ties"] == int(tie)
+        assert figures["within"] is tie and figures["classes_agree"] is tie
+        assert compare_logits(reference, candidate, atol, rtol, allow_ties=False)["classes_agree"] is False
+    assert compare_logits(np.zeros((0, 3)), np.zeros((0, 3)), atol, rtol)["classes_agree"]
 
 
 @pytest.mark.parametrize("head", ["1d", "2d"])

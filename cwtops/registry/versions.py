@@ -133,6 +133,8 @@ def version_tags(
     tags |= {f"test_{k}": f"{v:.6f}" for k, v in metrics.items() if isinstance(v, float)}
     tags |= {f"parity_{k}": f"{parity[k]:.3e}" for k in ("max_abs_error", "max_rel_error") if k in parity}
     tags |= {"parity_argmax_agreement": f"{parity.get('argmax_agreement', float('nan')):.6f}", "parity_passed": "true"}
+    if "argmax_ties" in parity:  # reports written before ties were counted have none
+        tags["parity_argmax_ties"] = str(parity["argmax_ties"])
     return tags
 
 
@@ -145,7 +147,9 @@ def version_description(metrics: dict, parity: dict, tags: dict[str, str]) -> st
         f"| test metric | value |\n|---|---|\n{rows}\n\n"
         f"| parity | value |\n|---|---|\n| max abs error | {parity.get('max_abs_error', float('nan')):.2e} |\n"
         f"| max rel error | {parity.get('max_rel_error', float('nan')):.2e} |\n"
-        f"| argmax agreement | {parity.get('argmax_agreement', float('nan')):.4f} |\n\n"
+        f"| argmax agreement | {parity.get('argmax_agreement', float('nan')):.4f} |\n"
+        + (f"| classes that differ by a tie within tolerance | {parity['argmax_ties']} |\n" if "argmax_ties" in parity else "")
+        + "\n"
         f"Lineage: run `{tags['run_id']}`, data `{tags['data_dvc_md5']}`, weights `{tags['weights_dvc_md5']}`, "
         f"commit `{tags['git_commit']}`, ONNX sha256 `{tags['onnx_sha256']}`."
     )

@@ -38,6 +38,7 @@ from cwtops.core.artifacts import atomic_dir, sha256_file, write_text
 from cwtops.core.config import Params, TritonConfig
 from cwtops.core.errors import CwtopsError
 from cwtops.core.waiting import wait_until
+from cwtops.model.parity import compare_logits
 from cwtops.services.processes import state_dir
 from cwtops.serving.client import INPUT_NAME, OUTPUT_NAME, admin_headers, connect, infer, triton_errors
 from cwtops.serving.server import STAGING_SUFFIX
@@ -470,16 +471,15 @@ def _served_parity(url: str, name: str, version: int, reference: tuple[np.ndarra
     # the check's own request id keeps it out of the inference log: it is not traffic
     served = infer(url, name, inputs, version=version, max_batch=params.triton.max_batch_size,
                    request_id=CHECK_REQUEST_ID).astype(np.float64)
-    expected = expected.astype(np.float64)
-    error = np.abs(served - expected)
-    within = bool((error <= params.parity.atol + params.parity.rtol * np.abs(expected)).all())
-    agree = bool((served.argmax(1) == expected.argmax(1)).all())
-    if not (within and agree):
+    cfg = params.parity
+    figures = compare_logits(expected, served, cfg.atol, cfg.rtol, cfg.allow_ties)
+    if not (figures["within"] and figures["classes_agree"]):
         raise CwtopsError(
-            f"served outputs of version {version} differ from its reference: max abs error {error.max():.3g} "
-            f"(atol {params.parity.atol}, rtol {params.parity.rtol}), argmax agreement {agree}"
+            f"served outputs of version {version} differ from its reference: max abs error {figures['max_abs_error']:.3g} "
+            f"(atol {cfg.atol}, rtol {cfg.rtol}), argmax agreement {figures['argmax_agreement']:.4f} "
+            f"({figures['argmax_ties']} of the differing classes ties within tolerance)"
         )
-    return float(error.max())
+    return float(figures["max_abs_error"])
 
 
 def _verify_staged(url: str, repository: ModelRepository, candidate: _Candidate, params: Params, timeout: float) -> None:
