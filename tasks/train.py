@@ -333,7 +333,7 @@ def evaluate_split(model: HybridCWTNet, data: Data, loss_fn: nn.Module, batch_si
     chunks = [positions[i : i + batch_size] for i in range(0, len(positions), batch_size)]
     smoothing = getattr(loss_fn, "label_smoothing", 0.0)
     for scalograms, labels in data.batches(chunks):
-        logits = model.head(scalograms).float()
+        logits = model.members_head(scalograms).float()  # the quantile member is fitted after training
         # summed here, divided by the whole split's size below
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum", label_smoothing=smoothing).double()
         confusion += torch.bincount(labels * n_classes + logits.argmax(1), minlength=n_classes**2).double()
@@ -394,6 +394,7 @@ class TrainState:
     next_epoch: int = 1
     average_state: dict | None = None  # running mean of the weights over the averaged epochs
     averaged: int = 0  # epochs in it
+    quantile_fit: dict | None = None  # the quantile member's L-BFGS fit (train.quantiles), after selection
 
 
 def _save_resume_point(state: TrainState, path: Path, fingerprint: str) -> None:
@@ -486,6 +487,8 @@ def model_args(cfg: TrainConfig, magnitude: str, n_filters: int, kernel_size: in
         decimate=decimate,
         dilations=dilations,
         gain=cfg.gain and cfg.head == "1d",
+        quantiles=cfg.quantiles if cfg.head == "1d" else 0,
+        quantile_weight=cfg.quantile_weight,
     )
 
 
@@ -597,6 +600,22 @@ def new_state(cfg: TrainConfig, model: HybridCWTNet, settings: TrainSettings, n_
     return TrainState(model, optimizer, scheduler, scaler, [], model.state_dict())
 
 
+def fit_quantile_member(model: HybridCWTNet, data: Data, batch_size: int = 256) -> dict | None:
+    """Fit the quantile member (`train.quantiles`) on the training split's quantiles, after the members
+    are trained and selected: a logistic regression by L-BFGS (cwtops/model/network.py). None when off."""
+    if model.args.head != "1d" or not model.args.quantiles:
+        return None
+    model.eval()
+    positions = torch.arange(len(data))
+    chunks = [positions[i : i + batch_size] for i in range(0, len(positions), batch_size)]
+    features, labels = [], []
+    with torch.no_grad():
+        for scalograms, batch_labels in data.batches(chunks):  # the quantiles ride along as constant channels
+            features.append(scalograms[:, model.args.input_channels :, 0].float().cpu())
+            labels.append(batch_labels.cpu())
+    return model.quantile_member.fit(torch.cat(features), torch.cat(labels))
+
+
 def keep_selected(state: TrainState, train: Data, settings: TrainSettings, amp_dtype: torch.dtype | None) -> None:
     """Load the checkpoint the run selected into the model: the best epoch, or with `train.average`
     the mean weights with their own BatchNorm statistics."""
@@ -607,6 +626,7 @@ def keep_selected(state: TrainState, train: Data, settings: TrainSettings, amp_d
         state.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         state.best_epoch = len(state.history)
     model.load_state_dict(state.best_state)
+    state.quantile_fit = fit_quantile_member(model, train, settings.batch_size)
 
 
 def train_epochs(
@@ -711,7 +731,10 @@ def _write_outputs(
             "tuned": tuned or {},  # train settings the tune stage chose (they replaced params.yaml's)
             "best_loss": state.best_loss,
             "settings": settings.summary(),
-            "parameters": sum(p.numel() for p in trainable_parameters(model)),
+            # the members' (AdamW) and the quantile member's linear layer (L-BFGS)
+            "parameters": sum(p.numel() for p in trainable_parameters(model))
+            + (sum(p.numel() for p in model.quantile_member.fc.parameters()) if model.args.quantiles else 0),
+            "quantile_member": state.quantile_fit,
             "seconds": time.perf_counter() - started,
             "load_seconds": load_seconds or {},
             "device": str(device),

@@ -156,7 +156,13 @@ class SearchData:
     train: TrainConfig  # params.yaml's, with the head's width resolved for the whole split
 
     def inputs(self, raw_channel: bool) -> torch.Tensor:
-        return self.scalograms if raw_channel else self.scalograms[:, :-1]
+        """The cached input without the raw channel (right after the S scales; any quantiles follow it)."""
+        if raw_channel:
+            return self.scalograms
+        scales = self.matrix.shape[0]
+        if self.scalograms.shape[1] == scales + 1:
+            return self.scalograms[:, :-1]  # a view: no copy of the cache
+        return torch.cat([self.scalograms[:, :scales], self.scalograms[:, scales + 1:]], dim=1)
 
 
 def _fingerprint(cfg: TuneConfig, base: BaseConfig, train: TrainConfig, paths: ArtifactPaths) -> str:

@@ -25,6 +25,8 @@ def test_shipped_params_validate() -> None:
         ({"rollout": {"promotion": "sometimes"}}, "'rollout.promotion'"),
         ({"train": {"dilations": []}}, "'train.dilations'"),
         ({"train": {"dilations": [[1, 2, 4, 8], [1, 0, 2, 2]]}}, "'train.dilations'"),
+        ({"train": {"quantiles": 1}}, "'train.quantiles'"),
+        ({"train": {"quantile_weight": 1.0}}, "'train.quantile_weight'"),
     ],
 )
 def test_bad_params_name_the_key(raw: dict, message: str) -> None:

@@ -14,9 +14,11 @@ from cwtops.data.weights import generate_filter_bank
 from cwtops.model.network import (
     DILATIONS_1D,
     GAIN_RATE,
+    QUANTILE_C,
     CWTFrontEnd,
     HybridCWTNet,
     ModelArgs,
+    QuantileMember,
     checkpoint_dict,
     head_flops,
     hilbert_pair,
@@ -259,6 +261,75 @@ def test_the_learnt_gain_starts_as_log1p_moves_the_output_exports_and_round_trip
     assert not old.args.gain and torch.allclose(old(signal), without(signal), atol=1e-6)
 
 
+@pytest.mark.parametrize("raw_channel", [False, True])
+def test_the_quantile_member_reads_step_and_value_quantiles_mixes_at_its_weight_exports_and_round_trips(
+        raw_channel: bool, tmp_path) -> None:
+    _, matrix = random_bank(seed=12, n_filters=24)
+    plain = ModelArgs(n_filters=24, kernel_size=matrix.shape[1], n_classes=3, signal_length=130, hop=2, head="1d",
+                      members=2, channels=(8, 8, 16, 16), hidden=12, raw_channel=raw_channel, decimate="mean", gain=True)
+    torch.manual_seed(5)
+    without = _trained_like(HybridCWTNet(plain, matrix), seed=6)
+    torch.manual_seed(5)
+    model = _trained_like(HybridCWTNet(replace(plain, quantiles=8, quantile_weight=0.3), matrix), seed=6)
+    for name, tensor in without.state_dict().items():  # the members are built first: the same initial weights
+        assert torch.equal(model.state_dict()[name], tensor), name
+    signal = torch.randn(4, 1, 130) * 2 - 1
+    with torch.no_grad():
+        features = model.scalogram(signal)
+        inputs = 24 + raw_channel
+        assert features.shape == (4, inputs + 16, 65) and torch.equal(features[:, :inputs], without.scalogram(signal))
+        standardised = ((signal - signal.mean(-1, keepdim=True)) / signal.std(-1, unbiased=False, keepdim=True)).numpy()[:, 0]
+        steps = np.sort(np.abs(np.diff(standardised, axis=-1)), axis=-1)  # 129 steps: read at ranks 0, 128/7, .., 128
+        values = np.sort(standardised, axis=-1)  # 130 values: ranks 0, 129/7, .., 129
+        expected = np.concatenate([np.log1p(steps[:, [round(k * 128 / 7) for k in range(8)]]),
+                                   values[:, [round(k * 129 / 7) for k in range(8)]]], axis=1)
+        assert np.allclose(features[:, inputs:, 0].numpy(), expected, atol=1e-5)
+        assert torch.equal(features[:, inputs:, :1].expand(-1, -1, 65), features[:, inputs:])  # constant in time
+        outputs = model.member_logits(features)  # the convolutional members only, as without it
+        assert len(outputs) == 2 and torch.equal(outputs[0], without.member_logits(without.scalogram(signal))[0])
+        members = torch.stack([torch.softmax(o, dim=-1) for o in outputs]).mean(0)
+        assert torch.allclose(torch.softmax(model.members_head(features), dim=-1), members, atol=1e-6)
+        mixed = 0.7 * members + 0.3 * torch.softmax(model.quantile_member(features[:, inputs:, 0]), dim=-1)
+        assert torch.allclose(torch.softmax(model(signal), dim=-1), mixed, atol=1e-6)
+        assert torch.allclose(torch.softmax(without(signal), dim=-1), members, atol=1e-6)
+    assert head_flops(model.args)["quantile_member"] == 2 * 16 * 3
+    assert not any(p.requires_grad for p in model.quantile_member.parameters())  # no optimizer step touches it
+    _assert_onnx_matches(model, 130)
+    torch.save(checkpoint_dict(model, ["a", "b", "c"], "sha", {}), tmp_path / "quantiles.pt")
+    rebuilt, _ = load_checkpoint(tmp_path / "quantiles.pt")
+    assert rebuilt.args.quantiles == 8 and torch.allclose(rebuilt(signal), model(signal), atol=1e-6)
+    with pytest.raises(CwtopsError, match="quantile member"):
+        HybridCWTNet(ModelArgs(n_filters=24, kernel_size=matrix.shape[1], n_classes=3, signal_length=256,
+                               quantiles=8, quantile_weight=0.3), matrix)  # the 2-D head
+    with pytest.raises(CwtopsError, match="at least 2 quantiles"):
+        replace(plain, quantiles=8, quantile_weight=1.0)
+
+
+def test_the_quantile_member_fit_is_scikit_learns_logistic_regression() -> None:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    generator = np.random.default_rng(3)
+    labels = np.repeat(np.arange(3), 20)
+    quantiles = generator.normal(size=(60, 8)) * [1, 2, 3, 4, 0.5, 1, 1, 10] + labels[:, None] * 0.8
+    member = QuantileMember(4, 3)
+    report = member.fit(torch.tensor(quantiles, dtype=torch.float32), torch.tensor(labels))
+    scaled = StandardScaler().fit(quantiles.astype(np.float32))
+    reference = LogisticRegression(C=QUANTILE_C, tol=1e-10, max_iter=10_000).fit(scaled.transform(quantiles), labels)
+    # scikit-learn's multinomial weights are defined up to a shift shared by the classes: compare centred
+    coef = reference.coef_ - reference.coef_.mean(0)
+    fitted = member.fc.weight.detach().numpy()
+    assert np.allclose(fitted - fitted.mean(0), coef, atol=1e-3)
+    member.eval()
+    with torch.no_grad():
+        probabilities = torch.softmax(member(torch.tensor(quantiles, dtype=torch.float32)), dim=-1).numpy()
+    assert np.allclose(probabilities, reference.predict_proba(scaled.transform(quantiles)), atol=1e-3)
+    assert report["signals"] == 60 and report["train_accuracy"] == reference.score(scaled.transform(quantiles), labels)
+    again = QuantileMember(4, 3)
+    again.fit(torch.tensor(quantiles, dtype=torch.float32), torch.tensor(labels))
+    assert torch.equal(again.fc.weight, member.fc.weight)  # deterministic
+
+
 def test_1d_head_checkpoint_round_trip_and_old_checkpoints_stay_2d(tmp_path) -> None:
     _, matrix = random_bank(seed=7, n_filters=16)
     args = ModelArgs(n_filters=16, kernel_size=matrix.shape[1], n_classes=3, signal_length=40, hop=1, head="1d", members=2,
@@ -282,7 +353,7 @@ def test_1d_head_checkpoint_round_trip_and_old_checkpoints_stay_2d(tmp_path) -> 
     assert old.args.dilations == ((1, 2, 4, 8),) and old.args.decimate == "sample"
     flops = head_flops(args)
     assert flops["conv1"] == 2 * 2 * 40 * 16 * 4 * 7  # members x 2 x T x in x out x kernel
-    with pytest.raises(Exception, match="ensembles and the raw channel are built from the 1-D head"):
+    with pytest.raises(Exception, match="ensembles, the raw channel and the quantile member are built from the 1-D head"):
         HybridCWTNet(ModelArgs(n_filters=16, kernel_size=matrix.shape[1], n_classes=3, signal_length=256, members=2), matrix)
 
 

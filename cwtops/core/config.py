@@ -96,6 +96,12 @@ class TrainConfig(Section):
     # 1d head: each member compresses the scales' magnitudes as log1p(g * m) with a learnt gain g per
     # scale (the log's floor learnt per scale); false: log1p(m), the same fixed compression for every scale
     gain: bool = True
+    # 1d head: a quantile member beside the convolutional members, a logistic regression on this many quantiles
+    # of the standardised signal's absolute sample-to-sample steps (log1p) and as many of its values, fitted by
+    # L-BFGS once the members are trained; the model's output mixes its probabilities with the members' mean
+    # at `quantile_weight`; 0: off
+    quantiles: int = Field(16, ge=0, le=256)
+    quantile_weight: float = Field(0.33, gt=0, lt=1)
     dropout: float = Field(0.1, ge=0, lt=1)
     stem: Literal["pool", "strided"] = "strided"  # 2d head: a stride-2 conv1, or conv1 + 2x2 max-pool (4x the cost)
     # augmentation, on the scalogram: a random shift in time of up to this share of its length
@@ -116,6 +122,13 @@ class TrainConfig(Section):
     amp: bool = True
     num_workers: int = Field(0, ge=0)  # streaming: DataLoader processes reading batches ahead
     threads: int = Field(0, ge=0)
+
+    @field_validator("quantiles")
+    @classmethod
+    def _quantile_count(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("give 0 (off) or at least 2 quantiles (the smallest and the largest value)")
+        return value
 
     @field_validator("channels", "dilations")
     @classmethod

@@ -16,6 +16,11 @@ Shapes (S = 112 filters; T = L // hop time steps, 256-511 with `parse.hop: auto`
                                -> (B, c4, T) -> mean and max over time -> (B, 2 c4)
                 fc1, fc2       -> logits (B, C); an ensemble of N such heads outputs the log of
                                their mean probability
+                quantile       (`train.quantiles`) Q quantiles of the standardised signal's steps
+                member         |x[t + 1] - x[t]| (log1p) and Q of its values, standardised, one linear
+                               layer -> logits (B, C): a logistic regression fitted by L-BFGS once the
+                               members are trained; the output is the log of (1 - w) x the heads'
+                               mean probability + w x its probability (w = `train.quantile_weight`)
     head "2d"   conv1..conv4   2-D over (S, T), each conv3x3 + BatchNorm + ReLU + 2x2 max-pool
                                (conv1 with `stem: strided`: a stride-2 conv3x3 instead)
                                -> (B, c4, S/16, T/16) -> mean over time -> (B, c4 * S/16)
@@ -254,9 +259,17 @@ class ModelArgs:
     # (train.gain), where log1p(m) has none: log(m + 1 / g) up to a constant the input BatchNorm removes,
     # so each scale's floor of the log is learnt. Checkpoints written before: off.
     gain: bool = False
+    # 1-D head: a logistic regression on Q quantiles of the standardised signal's absolute sample-to-sample
+    # steps (log1p) and Q of its values, fitted by L-BFGS after the members are trained; the output mixes
+    # its probabilities with the members' mean at `quantile_weight`. 0: off (checkpoints written before).
+    quantiles: int = 0
+    quantile_weight: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dilations", as_branches(self.dilations))
+        if self.quantiles and not (self.quantiles >= 2 and 0 < self.quantile_weight < 1 and self.signal_length >= 2):
+            raise CwtopsError(f"the quantile member needs at least 2 quantiles, a weight between 0 and 1 and signals of "
+                              f"2+ samples, got {self.quantiles}, {self.quantile_weight} and {self.signal_length}")
         if self.head == "1d" and min(self.channels) < len(self.dilations):
             raise CwtopsError(f"each of conv1..conv4 splits its channels {self.channels} between "
                               f"{len(self.dilations)} branches of dilations: widen train.channels or use fewer branches")
@@ -354,6 +367,80 @@ def signed_log1p(x: torch.Tensor) -> torch.Tensor:
     return torch.sign(x) * torch.log1p(x.abs())
 
 
+def _quantiles(values: torch.Tensor, count: int) -> torch.Tensor:
+    """(B, n) -> (B, count): `count` quantiles of each row, smallest to largest (the sorted row read at
+    `count` evenly spaced ranks, both ends included; a TopK and a Gather in ONNX)."""
+    ordered = torch.sort(values, dim=-1).values
+    n = int(ordered.shape[-1])
+    index = torch.tensor([round(k * (n - 1) / (count - 1)) for k in range(count)], device=ordered.device)
+    return ordered.index_select(-1, index)
+
+
+def signal_quantiles(standardised: torch.Tensor, count: int) -> torch.Tensor:
+    """(B, 1, L) -> (B, 2 count): log1p of `count` quantiles of the standardised signal's absolute
+    sample-to-sample steps |x[t + 1] - x[t]|, then `count` quantiles of its values: the distributions
+    of its steps and levels, which no zero-mean filter's magnitude describes."""
+    steps = (standardised[..., 1:] - standardised[..., :-1]).abs().flatten(1)
+    return torch.cat([torch.log1p(_quantiles(steps, count)), _quantiles(standardised.flatten(1), count)], dim=1)
+
+
+# The quantile member is a logistic regression fitted as scikit-learn's LogisticRegression fits one (its
+# default C = 1): the mean cross-entropy over the n training signals plus ||W||^2 / (2 C n), minimised by
+# L-BFGS on the standardised quantiles. Fitted by the optimiser of the members instead (AdamW, a one-cycle
+# schedule of a few thousand steps at lr 1e-3), its weights stayed far from that optimum (BENCHMARKS.md).
+QUANTILE_C = 1.0
+
+
+class QuantileMember(nn.Module):
+    """BatchNorm + linear over the signal's step and value quantiles -> logits: a linear classifier of
+    the signal's distributions, fitted once by `fit` after the convolutional members are trained."""
+
+    def __init__(self, count: int, n_classes: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(2 * count)  # its statistics are the training split's, set by `fit`
+        self.fc = nn.Linear(2 * count, n_classes)
+        self.requires_grad_(False)  # no optimizer step touches it: `fit` writes its weights
+
+    def forward(self, quantiles: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(quantiles))
+
+    def fit(self, quantiles: torch.Tensor, labels: torch.Tensor, max_iter: int = 1000) -> dict:
+        """Standardise by the training split's statistics, then minimise the penalised cross-entropy by
+        L-BFGS in float64 on the CPU (deterministic): (N, 2Q) features, (N,) class indices."""
+        x = quantiles.detach().double().cpu()
+        y = labels.detach().long().cpu()
+        mean, var = x.mean(0), x.var(0, unbiased=False)
+        z = (x - mean) / torch.sqrt(var + self.norm.eps)
+        weight = torch.zeros(self.fc.out_features, z.shape[1], dtype=torch.float64, requires_grad=True)
+        bias = torch.zeros(self.fc.out_features, dtype=torch.float64, requires_grad=True)
+        optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, tolerance_grad=1e-9,
+                                      tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
+
+        def penalised() -> torch.Tensor:
+            return F.cross_entropy(z @ weight.T + bias, y) + weight.square().sum() / (2 * QUANTILE_C * len(y))
+
+        def objective() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = penalised()
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():  # callers may hold no_grad (evaluation code around training)
+            optimizer.step(objective)
+        with torch.no_grad():
+            loss = float(penalised())
+            accuracy = float(((z @ weight.T + bias).argmax(1) == y).double().mean())
+            device = self.fc.weight.device
+            self.norm.running_mean.copy_(mean.float().to(device))
+            self.norm.running_var.copy_(var.float().to(device))
+            self.norm.weight.fill_(1.0)
+            self.norm.bias.zero_()
+            self.fc.weight.copy_(weight.float().to(device))
+            self.fc.bias.copy_(bias.float().to(device))
+        return {"signals": len(y), "iterations": int(optimizer.state[optimizer._params[0]]["n_iter"]),
+                "objective": loss, "train_accuracy": accuracy}
+
+
 def average_probabilities(logits: list[torch.Tensor]) -> torch.Tensor:
     """log of the members' mean softmax: what the ensemble outputs (its softmax is that mean)."""
     if len(logits) == 1:
@@ -375,10 +462,12 @@ class HybridCWTNet(nn.Module):
             if args.members < 1:
                 raise CwtopsError(f"an ensemble needs at least one member, got members={args.members}")
             self.members = nn.ModuleList([TimeHead(args) for _ in range(args.members)])
+            if args.quantiles:  # built after the members: their initial weights are those without it
+                self.quantile_member = QuantileMember(args.quantiles, args.n_classes)
             return
-        if args.members != 1 or args.raw_channel:
-            raise CwtopsError("ensembles and the raw channel are built from the 1-D head: set train.head: 1d, or "
-                              "train.members: 1 and train.raw_channel: false")
+        if args.members != 1 or args.raw_channel or args.quantiles:
+            raise CwtopsError("ensembles, the raw channel and the quantile member are built from the 1-D head: set "
+                              "train.head: 1d, or train.members: 1, train.raw_channel: false and train.quantiles: 0")
         c1, c2, c3, c4 = args.channels
         self.input_norm = nn.BatchNorm2d(1)
         self.conv1 = _conv_block(1, c1, strided=args.stem == "strided")
@@ -402,16 +491,25 @@ class HybridCWTNet(nn.Module):
         scale = centred.square().mean(dim=-1, keepdim=True).add(1e-8).sqrt()
         standardised = centred / scale
         features = self.frontend(standardised)
-        if not self.args.raw_channel:
-            return features
-        # the same T = ceil(L / hop) steps as the front-end's strided output
-        raw = F.avg_pool1d(standardised, self.args.hop, self.args.hop, ceil_mode=True) if self.args.hop > 1 else standardised
-        return torch.cat([features, raw], dim=1)  # (B, S + 1, T)
+        if self.args.raw_channel:
+            # the same T = ceil(L / hop) steps as the front-end's strided output
+            raw = F.avg_pool1d(standardised, self.args.hop, self.args.hop, ceil_mode=True) if self.args.hop > 1 else standardised
+            features = torch.cat([features, raw], dim=1)  # (B, S + 1, T)
+        if self.args.quantiles:  # constant in time: the cache and the augmentations carry them unchanged
+            quantiles = signal_quantiles(standardised, self.args.quantiles)
+            features = torch.cat([features, quantiles.unsqueeze(-1).expand(-1, -1, features.shape[-1])], dim=1)
+        return features
 
     def head(self, scalogram: torch.Tensor) -> torch.Tensor:
         """(B, S, T) -> logits (B, C); an ensemble's are the log of its mean probabilities."""
         if self.args.head == "1d":
-            return average_probabilities(self.member_logits(scalogram))
+            members = average_probabilities(self.member_logits(scalogram))
+            if not self.args.quantiles:
+                return members
+            weight = self.args.quantile_weight
+            quantiles = self.quantile_member(scalogram[:, self.args.input_channels:, 0])
+            return torch.logsumexp(torch.stack([members.float().log_softmax(-1) + math.log(1 - weight),
+                                                F.log_softmax(quantiles.float(), dim=-1) + math.log(weight)]), dim=0)
         x = signed_log1p(scalogram).unsqueeze(1)  # (B, 1, S, T)
         x = self.input_norm(x)
         x = self.conv4(self.conv3(self.conv2(self.conv1(x))))  # (B, c4, S/16, T/16)
@@ -420,11 +518,17 @@ class HybridCWTNet(nn.Module):
         return self.fc2(x)
 
     def member_logits(self, scalogram: torch.Tensor) -> list[torch.Tensor]:
-        """Each ensemble member's logits (1-D head): what training fits, one loss per member."""
+        """Each ensemble member's logits (1-D head): what training fits, one loss per member (the
+        quantile member, fitted after them, is not one of them)."""
+        scalogram = scalogram[:, : self.args.input_channels]  # without the quantiles' channels
         if self.args.gain:  # each member compresses with its own learnt gain
             return [member(scalogram) for member in self.members]
         features = signed_log1p(scalogram)  # the raw channel, and every response under `magnitude: none`, is signed
         return [member(features) for member in self.members]
+
+    def members_head(self, scalogram: torch.Tensor) -> torch.Tensor:
+        """The trained members' output without the quantile member: what training selects epochs by."""
+        return average_probabilities(self.member_logits(scalogram)) if self.args.head == "1d" else self.head(scalogram)
 
     def training_head(self, scalogram: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """What training fits: each member's logits (1-D head, a list) or the 2-D head's logits."""
@@ -446,6 +550,8 @@ def head_flops(args: ModelArgs) -> dict[str, int]:
             flops[f"conv{index}"] = args.members * 2 * width * widths[index - 1] * widths[index] * kernel
         flops["fc1"] = args.members * 2 * 2 * args.channels[-1] * args.hidden
         flops["fc2"] = args.members * 2 * args.hidden * args.n_classes
+        if args.quantiles:  # the sorts are n log n comparisons, not multiply-adds: only the linear layer counted
+            flops["quantile_member"] = 2 * 2 * args.quantiles * args.n_classes
         return flops
     in_channels = 1
     for index, out_channels in enumerate(args.channels, start=1):
