@@ -437,7 +437,7 @@ class QuantileMember(nn.Module):
             self.norm.bias.zero_()
             self.fc.weight.copy_(weight.float().to(device))
             self.fc.bias.copy_(bias.float().to(device))
-        return {"signals": len(y), "iterations": int(optimizer.state[optimizer._params[0]]["n_iter"]),
+        return {"signals": len(y), "iterations": int(optimizer.state[weight]["n_iter"]),
                 "objective": loss, "train_accuracy": accuracy}
 
 
