@@ -260,9 +260,10 @@ def train_one_epoch(
     head = head or wrap_head(model, world)  # DDP under torchrun: gradients averaged over the ranks
     index_batches = epoch_batches(len(data), batch_size, generator, world, max_steps)
     total, seen = 0.0, 0
+    channels = model.args.input_channels  # the heads' channels: the quantile member's ride in the cache, not here
     for scalograms, labels in data.batches(index_batches):
         with torch.autocast(labels.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            loss = batch_loss(head, scalograms, labels, loss_fn, cfg, generator)
+            loss = batch_loss(head, scalograms[:, :channels], labels, loss_fn, cfg, generator)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

@@ -28,7 +28,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +155,8 @@ class SearchData:
     signal_length: int
     train: TrainConfig  # params.yaml's, with the head's width resolved for the whole split
 
+    _without_raw: torch.Tensor | None = field(default=None, init=False, repr=False)
+
     def inputs(self, raw_channel: bool) -> torch.Tensor:
         """The cached input without the raw channel (right after the S scales; any quantiles follow it)."""
         if raw_channel:
@@ -162,7 +164,9 @@ class SearchData:
         scales = self.matrix.shape[0]
         if self.scalograms.shape[1] == scales + 1:
             return self.scalograms[:, :-1]  # a view: no copy of the cache
-        return torch.cat([self.scalograms[:, :scales], self.scalograms[:, scales + 1:]], dim=1)
+        if self._without_raw is None:  # the quantiles' channels follow the raw one: one copy for every trial
+            self._without_raw = torch.cat([self.scalograms[:, :scales], self.scalograms[:, scales + 1:]], dim=1)
+        return self._without_raw
 
 
 def _fingerprint(cfg: TuneConfig, base: BaseConfig, train: TrainConfig, paths: ArtifactPaths) -> str:

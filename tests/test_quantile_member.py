@@ -16,13 +16,19 @@ from tasks import train
 from tests.conftest import staged_params
 
 
-def test_the_members_train_as_without_it_and_the_member_is_the_training_splits_fit(tmp_path: Path) -> None:
+def test_the_members_train_as_without_it_and_the_member_is_the_training_splits_fit(tmp_path: Path, monkeypatch) -> None:
     make = staged_params(tmp_path, 60, 128, seed=9, val_fraction=0.0, epochs=3, batch_size=16, members=2,
                          channels=[8, 8, 8, 8], hidden=8, threads=1)
     params = make(quantiles=8, quantile_weight=0.4)
+    augmented = []  # channels of each augmented batch: the heads' only, the cached quantiles left out
+    augment = train.augment_in_time
+    monkeypatch.setattr(train, "augment_in_time", lambda batch, *a, **k: augmented.append(batch.shape[1]) or augment(batch, *a, **k))
     train.run(params.train, params.base)
+    monkeypatch.setattr(train, "augment_in_time", augment)
     paths = train.artifact_paths(params.base)
     model, checkpoint = load_checkpoint(paths.model)
+    assert augmented and set(augmented) == {model.args.input_channels}
+    assert model.scalogram(torch.randn(2, 1, 128)).shape[1] == model.args.input_channels + 16  # the cache holds them
     summary = json.loads(paths.train_summary.read_text())
     rows = pd.read_csv(paths.split_manifest)
     rows = rows[rows.split == "train"]

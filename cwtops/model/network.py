@@ -495,7 +495,7 @@ class HybridCWTNet(nn.Module):
             # the same T = ceil(L / hop) steps as the front-end's strided output
             raw = F.avg_pool1d(standardised, self.args.hop, self.args.hop, ceil_mode=True) if self.args.hop > 1 else standardised
             features = torch.cat([features, raw], dim=1)  # (B, S + 1, T)
-        if self.args.quantiles:  # constant in time: the cache and the augmentations carry them unchanged
+        if self.args.quantiles:  # constant in time: the cache carries them (training's augmentations leave them out)
             quantiles = signal_quantiles(standardised, self.args.quantiles)
             features = torch.cat([features, quantiles.unsqueeze(-1).expand(-1, -1, features.shape[-1])], dim=1)
         return features
@@ -503,7 +503,7 @@ class HybridCWTNet(nn.Module):
     def head(self, scalogram: torch.Tensor) -> torch.Tensor:
         """(B, S, T) -> logits (B, C); an ensemble's are the log of its mean probabilities."""
         if self.args.head == "1d":
-            members = average_probabilities(self.member_logits(scalogram))
+            members = self.members_head(scalogram)
             if not self.args.quantiles:
                 return members
             weight = self.args.quantile_weight
