@@ -37,7 +37,9 @@ from cwtops.core.errors import CwtopsError
 from cwtops.core.paths import ArtifactPaths, artifact_paths
 from cwtops.data.signals import SignalReader, load_signals, read_manifest
 from cwtops.model.distributed import SINGLE_PROCESS, World, close_world, init_world, shard, sync_buffers, threads_per_rank, wrap_head
-from cwtops.model.network import DILATIONS_1D, HybridCWTNet, ModelArgs, checkpoint_dict, head_flops, trainable_parameters
+from cwtops.model.network import (
+    DILATIONS_1D, HybridCWTNet, ModelArgs, checkpoint_dict, head_flops, trainable_parameters, with_member_inputs,
+)
 from cwtops.monitoring.features import build_reference, features_in_chunks
 from tasks.parse import load_filter_bank
 
@@ -62,8 +64,9 @@ class TrainResult:
 class Split:
     """A split held in memory: every scalogram computed once."""
 
-    scalograms: torch.Tensor  # (N, S, T) on the training device
+    scalograms: torch.Tensor  # (N, S, T) on the training device: the heads' input
     labels: torch.Tensor  # (N,)
+    quantiles: torch.Tensor | None = None  # (N, F): the quantile member's input, once per signal (None: off)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -71,7 +74,8 @@ class Split:
     def batches(self, index_batches: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for picked in index_batches:
             picked = picked.to(self.labels.device)
-            yield self.scalograms[picked], self.labels[picked]
+            quantiles = None if self.quantiles is None else self.quantiles[picked]
+            yield with_member_inputs(self.scalograms[picked], quantiles), self.labels[picked]
 
 
 class _BatchReads(torch.utils.data.Dataset):
@@ -142,22 +146,28 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
 @torch.no_grad()
 def compute_scalograms(
     model: HybridCWTNet, signals: np.ndarray | SignalReader, device: torch.device, batch_size: int = 256
-) -> torch.Tensor:
-    """The frozen front-end, run once per signal: (N, L) -> (N, S, T) on `device`, written into
-    one preallocated tensor (no second copy while they are gathered)."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The frozen front-end, run once per signal: (N, L) -> the heads' input (N, S, T) and the quantile
+    member's (N, F) (None when off) on `device`, each written into one preallocated tensor (no second
+    copy while they are gathered; the member's inputs once per signal, not once per time step)."""
     model.eval()
     out: torch.Tensor | None = None
+    member: torch.Tensor | None = None
     for start in range(0, len(signals), batch_size):
         stop = min(start + batch_size, len(signals))
         rows = signals.read(np.arange(start, stop)) if isinstance(signals, SignalReader) else signals[start:stop]
         batch = torch.from_numpy(rows).unsqueeze(1)
         if device.type == "cuda":
             batch = batch.pin_memory()
-        scalograms = model.scalogram(batch.to(device, non_blocking=True))
+        scalograms, quantiles = model.scalogram_parts(batch.to(device, non_blocking=True))
         if out is None:
             out = torch.empty((len(signals), *scalograms.shape[1:]), dtype=scalograms.dtype, device=device)
+            if quantiles is not None:
+                member = torch.empty((len(signals), quantiles.shape[1]), dtype=quantiles.dtype, device=device)
         out[start:stop] = scalograms
-    return out
+        if member is not None:
+            member[start:stop] = quantiles
+    return out, member
 
 
 def load_split(
@@ -176,7 +186,8 @@ def load_split(
     reader.check()
     if input_mode == "stream":
         return StreamSplit(model, reader, labels, device, num_workers)
-    return Split(compute_scalograms(model, reader, device), labels)
+    scalograms, quantiles = compute_scalograms(model, reader, device)
+    return Split(scalograms, labels, quantiles)
 
 
 def epoch_batches(n: int, batch_size: int, generator: torch.Generator, world: World = SINGLE_PROCESS,
@@ -490,6 +501,8 @@ def model_args(cfg: TrainConfig, magnitude: str, n_filters: int, kernel_size: in
         gain=cfg.gain and cfg.head == "1d",
         quantiles=cfg.quantiles if cfg.head == "1d" else 0,
         quantile_weight=cfg.quantile_weight,
+        quantile_lags=tuple(cfg.quantile_lags),
+        quantile_bins=cfg.quantile_bins,
     )
 
 
@@ -606,6 +619,8 @@ def fit_quantile_member(model: HybridCWTNet, data: Data, batch_size: int = 256) 
     are trained and selected: a logistic regression by L-BFGS (cwtops/model/network.py). None when off."""
     if model.args.head != "1d" or not model.args.quantiles:
         return None
+    if isinstance(data, Split) and data.quantiles is not None:  # the cache holds them once per signal
+        return model.quantile_member.fit(data.quantiles.float().cpu(), data.labels.cpu())
     model.eval()
     positions = torch.arange(len(data))
     chunks = [positions[i : i + batch_size] for i in range(0, len(positions), batch_size)]

@@ -4,7 +4,8 @@ Off by default (`tune.trials: 0`): the stage writes an empty choice and train ru
 written. With N trials, Optuna proposes values for the train keys in `tune.space` (SPACE below:
 the receptive field, the raw channel, the time stretch, dropout, weight averaging, mixup, the peak
 learning rate); each trial trains one head per stratified fold of the training split and is scored
-by the macro-F1 of the pooled out-of-fold predictions. The test split is never read. The first trial
+by the macro-F1 of the pooled out-of-fold predictions, the heads' alone (the quantile member is
+fitted after them and does not depend on what is searched). The test split is never read. The first trial
 is params.yaml's own settings, so the search keeps them unless another trial scores higher (ties go
 to the earlier trial). Train then reads the chosen values from `chosen.json`.
 
@@ -28,7 +29,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -155,18 +156,9 @@ class SearchData:
     signal_length: int
     train: TrainConfig  # params.yaml's, with the head's width resolved for the whole split
 
-    _without_raw: torch.Tensor | None = field(default=None, init=False, repr=False)
-
     def inputs(self, raw_channel: bool) -> torch.Tensor:
-        """The cached input without the raw channel (right after the S scales; any quantiles follow it)."""
-        if raw_channel:
-            return self.scalograms
-        scales = self.matrix.shape[0]
-        if self.scalograms.shape[1] == scales + 1:
-            return self.scalograms[:, :-1]  # a view: no copy of the cache
-        if self._without_raw is None:  # the quantiles' channels follow the raw one: one copy for every trial
-            self._without_raw = torch.cat([self.scalograms[:, :scales], self.scalograms[:, scales + 1:]], dim=1)
-        return self._without_raw
+        """The cached heads' input, without the raw channel (the last one: a view, no copy) unless asked for."""
+        return self.scalograms if raw_channel else self.scalograms[:, :-1]
 
 
 def _fingerprint(cfg: TuneConfig, base: BaseConfig, train: TrainConfig, paths: ArtifactPaths) -> str:
@@ -266,6 +258,9 @@ def _load_data(cfg: TuneConfig, base: BaseConfig, train: TrainConfig, paths: Art
     matrix, _, _ = load_filter_bank(paths.filter_bank)
     front = read_front_end(paths)
     train = searched_head(train, front, tuple(matrix.shape), len(classes), signal_length, len(rows))
+    # the heads alone are scored: the quantile member does not depend on the settings searched, and mixed in
+    # it can outvote the differences between trials (short folds leave the heads' probabilities flat)
+    train = train.model_copy(update={"quantiles": 0})
     limit = searched_signals(cfg, train, front, tuple(matrix.shape), len(classes), signal_length, len(rows))
     rows = subsample(rows, limit, base.seed)
     if len(rows) < 2 * cfg.folds:
@@ -274,7 +269,7 @@ def _load_data(cfg: TuneConfig, base: BaseConfig, train: TrainConfig, paths: Art
     reader.check()
     args = model_args(train, front.magnitude, matrix.shape[0], matrix.shape[1], len(classes), signal_length, front.hop,
                       raw_channel=True, decimate=front.decimate)
-    scalograms = compute_scalograms(HybridCWTNet(args, matrix).to(device), reader, device)
+    scalograms, _ = compute_scalograms(HybridCWTNet(args, matrix).to(device), reader, device)  # no member inputs
     index = {name: i for i, name in enumerate(classes)}
     labels = rows.label.map(index).to_numpy(dtype=np.int64)
     folds = stratified_folds(labels, cfg.folds, base.seed)

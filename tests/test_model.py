@@ -14,6 +14,7 @@ from cwtops.data.weights import generate_filter_bank
 from cwtops.model.network import (
     DILATIONS_1D,
     GAIN_RATE,
+    BIN_WIDTH,
     QUANTILE_C,
     CWTFrontEnd,
     HybridCWTNet,
@@ -312,7 +313,7 @@ def test_the_quantile_member_fit_is_scikit_learns_logistic_regression() -> None:
     generator = np.random.default_rng(3)
     labels = np.repeat(np.arange(3), 20)
     quantiles = generator.normal(size=(60, 8)) * [1, 2, 3, 4, 0.5, 1, 1, 10] + labels[:, None] * 0.8
-    member = QuantileMember(4, 3)
+    member = QuantileMember(8, 3)
     report = member.fit(torch.tensor(quantiles, dtype=torch.float32), torch.tensor(labels))
     scaled = StandardScaler().fit(quantiles.astype(np.float32))
     reference = LogisticRegression(C=QUANTILE_C, tol=1e-10, max_iter=10_000).fit(scaled.transform(quantiles), labels)
@@ -325,9 +326,78 @@ def test_the_quantile_member_fit_is_scikit_learns_logistic_regression() -> None:
         probabilities = torch.softmax(member(torch.tensor(quantiles, dtype=torch.float32)), dim=-1).numpy()
     assert np.allclose(probabilities, reference.predict_proba(scaled.transform(quantiles)), atol=1e-3)
     assert report["signals"] == 60 and report["train_accuracy"] == reference.score(scaled.transform(quantiles), labels)
-    again = QuantileMember(4, 3)
+    again = QuantileMember(8, 3)
     again.fit(torch.tensor(quantiles, dtype=torch.float32), torch.tensor(labels))
     assert torch.equal(again.fc.weight, member.fc.weight)  # deterministic
+
+
+def test_the_quantile_members_lags_and_soft_thresholds_export_round_trip_and_old_checkpoints_keep_lag_1(tmp_path) -> None:
+    _, matrix = random_bank(seed=13, n_filters=16)
+    old = ModelArgs(n_filters=16, kernel_size=matrix.shape[1], n_classes=3, signal_length=24, hop=1, head="1d",
+                    members=1, channels=(4, 4, 8, 8), hidden=8, decimate="mean", quantiles=4, quantile_weight=0.3)
+    args = replace(old, quantile_lags=(1, 2, 32), quantile_bins=3)  # lag 32 > L - 1: read at lag 23
+    assert args.quantile_features == 16 and old.quantile_features == 8
+    torch.manual_seed(2)
+    model = _trained_like(HybridCWTNet(args, matrix), seed=3)
+    signal = torch.randn(6, 1, 24)
+    with torch.no_grad():
+        features = model.scalogram(signal)[:, 16:, 0]
+    standardised = ((signal - signal.mean(-1, keepdim=True)) / signal.std(-1, unbiased=False, keepdim=True)).numpy()[:, 0]
+
+    def steps(lag: int) -> np.ndarray:  # 24 - lag steps, read at 4 evenly spaced ranks
+        ordered = np.sort(np.abs(standardised[:, lag:] - standardised[:, :-lag]), axis=-1)
+        return np.log1p(ordered[:, [round(k * (23 - lag) / 3) for k in range(4)]])
+
+    values = np.sort(standardised, axis=-1)[:, [round(k * 23 / 3) for k in range(4)]]
+    assert np.allclose(features.numpy(), np.concatenate([steps(1), values, steps(2), steps(23)], axis=1), atol=1e-5)
+
+    # the fit: thresholds at the training features' quantiles, each sigmoid standardised, one linear layer
+    generator = torch.Generator().manual_seed(4)
+    train_features = torch.randn(90, 16, generator=generator)
+    labels = torch.randint(0, 3, (90,), generator=generator)
+    report = model.quantile_member.fit(train_features, labels)
+    member = model.quantile_member.eval()
+    z = (train_features - train_features.mean(0)) / train_features.var(0, unbiased=False).add(1e-5).sqrt()
+    assert torch.allclose(member.thresholds, torch.quantile(z, torch.tensor([0.25, 0.5, 0.75]), dim=0).T, atol=1e-5)
+    soft = torch.sigmoid((z.unsqueeze(-1) - member.thresholds) / BIN_WIDTH).flatten(1)
+    inputs = torch.cat([z, (soft - soft.mean(0)) / soft.var(0, unbiased=False).add(1e-5).sqrt()], dim=1)
+    with torch.no_grad():
+        assert torch.allclose(member(train_features), member.fc(inputs), atol=1e-4)
+    assert report["signals"] == 90 and member.fc.in_features == 16 * 4
+    assert head_flops(args)["quantile_member"] == 2 * 16 * 4 * 3
+    _assert_onnx_matches(model, 24)
+    torch.save(checkpoint_dict(model, ["a", "b", "c"], "sha", {}), tmp_path / "binned.pt")
+    rebuilt, _ = load_checkpoint(tmp_path / "binned.pt")
+    assert rebuilt.args.quantile_lags == (1, 2, 32) and rebuilt.args.quantile_bins == 3
+    assert torch.allclose(rebuilt(signal), model(signal), atol=1e-6)
+
+    # a checkpoint written before the lags and bins were settings rebuilds as then: lag 1, no thresholds
+    torch.manual_seed(2)
+    before = _trained_like(HybridCWTNet(old, matrix), seed=3)
+    written_before = checkpoint_dict(before, ["a", "b", "c"], "sha", {})
+    del written_before["model_args"]["quantile_lags"], written_before["model_args"]["quantile_bins"]
+    torch.save(written_before, tmp_path / "before.pt")
+    loaded, _ = load_checkpoint(tmp_path / "before.pt")
+    assert loaded.args.quantile_lags == (1,) and loaded.args.quantile_bins == 0
+    assert torch.allclose(loaded(signal), before(signal), atol=1e-6)
+    with pytest.raises(CwtopsError, match="distinct step lags"):
+        replace(old, quantile_lags=(1, 1))
+
+
+def test_the_soft_thresholds_fit_a_class_a_linear_member_cannot_separate() -> None:
+    # class 1: a feature's middle values, class 0: both tails; no single slope separates them
+    generator = torch.Generator().manual_seed(8)
+    features = torch.randn(400, 3, generator=generator)
+    labels = (features[:, 0].abs() < 0.7).long()
+    test = torch.randn(400, 3, generator=generator)
+    truth = (test[:, 0].abs() < 0.7).long()
+    scores = {}
+    for bins in (0, 8):
+        member = QuantileMember(3, 2, bins)
+        member.fit(features, labels)
+        with torch.no_grad():
+            scores[bins] = float((member.eval()(test).argmax(1) == truth).float().mean())
+    assert scores[0] < 0.7 and scores[8] > 0.9, scores
 
 
 def test_1d_head_checkpoint_round_trip_and_old_checkpoints_stay_2d(tmp_path) -> None:

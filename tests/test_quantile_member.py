@@ -23,12 +23,20 @@ def test_the_members_train_as_without_it_and_the_member_is_the_training_splits_f
     augmented = []  # channels of each augmented batch: the heads' only, the cached quantiles left out
     augment = train.augment_in_time
     monkeypatch.setattr(train, "augment_in_time", lambda batch, *a, **k: augmented.append(batch.shape[1]) or augment(batch, *a, **k))
+    cached = []  # the in-memory splits: the member's inputs held once per signal, not once per time step
+    compute = train.compute_scalograms
+    monkeypatch.setattr(train, "compute_scalograms", lambda *a, **k: cached.append(compute(*a, **k)) or cached[-1])
     train.run(params.train, params.base)
     monkeypatch.setattr(train, "augment_in_time", augment)
+    monkeypatch.setattr(train, "compute_scalograms", compute)
     paths = train.artifact_paths(params.base)
     model, checkpoint = load_checkpoint(paths.model)
     assert augmented and set(augmented) == {model.args.input_channels}
-    assert model.scalogram(torch.randn(2, 1, 128)).shape[1] == model.args.input_channels + 16  # the cache holds them
+    assert cached and all(scalograms.shape[1] == model.args.input_channels and quantiles.shape[1:] == (40,)
+                          for scalograms, quantiles in cached)
+    # the quantiles ride after the heads' channels: Q = 8 per step lag (1, 2, 4, 8) and 8 of the values
+    assert model.args.quantile_lags == (1, 2, 4, 8) and model.args.quantile_bins == 8
+    assert model.scalogram(torch.randn(2, 1, 128)).shape[1] == model.args.input_channels + 40
     summary = json.loads(paths.train_summary.read_text())
     rows = pd.read_csv(paths.split_manifest)
     rows = rows[rows.split == "train"]
@@ -41,10 +49,10 @@ def test_the_members_train_as_without_it_and_the_member_is_the_training_splits_f
     standardised = centred / centred.square().mean(-1, keepdim=True).add(1e-8).sqrt()
     classes = checkpoint["class_names"]
     labels = torch.tensor([classes.index(label) for label in rows.label])
-    reference = QuantileMember(8, len(classes))
-    reference.fit(signal_quantiles(standardised, 8), labels)
+    reference = QuantileMember(40, len(classes), bins=8)
+    reference.fit(signal_quantiles(standardised, 8, (1, 2, 4, 8)), labels)
     for name, tensor in reference.state_dict().items():
-        if name != "norm.num_batches_tracked":
+        if not name.endswith("num_batches_tracked"):
             assert torch.allclose(model.quantile_member.state_dict()[name], tensor, atol=1e-4), name
 
     # the convolutional members: the same weights as a run without the quantile member

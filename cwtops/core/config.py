@@ -97,11 +97,14 @@ class TrainConfig(Section):
     # scale (the log's floor learnt per scale); false: log1p(m), the same fixed compression for every scale
     gain: bool = True
     # 1d head: a quantile member beside the convolutional members, a logistic regression on this many quantiles
-    # of the standardised signal's absolute sample-to-sample steps (log1p) and as many of its values, fitted by
-    # L-BFGS once the members are trained; the model's output mixes its probabilities with the members' mean
-    # at `quantile_weight`; 0: off
+    # of the standardised signal's absolute steps |x[t + k] - x[t]| (log1p) at each of `quantile_lags` and as
+    # many of its values, each feature also read through `quantile_bins` soft thresholds at its training
+    # quantiles, fitted by L-BFGS once the members are trained; the model's output mixes its probabilities
+    # with the members' mean at `quantile_weight`; 0: off
     quantiles: int = Field(16, ge=0, le=256)
     quantile_weight: float = Field(0.33, gt=0, lt=1)
+    quantile_lags: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 2, 4, 8], min_length=1, max_length=16)
+    quantile_bins: int = Field(8, ge=0, le=64)
     dropout: float = Field(0.1, ge=0, lt=1)
     stem: Literal["pool", "strided"] = "strided"  # 2d head: a stride-2 conv1, or conv1 + 2x2 max-pool (4x the cost)
     # augmentation, on the scalogram: a random shift in time of up to this share of its length
@@ -128,6 +131,13 @@ class TrainConfig(Section):
     def _quantile_count(cls, value: int) -> int:
         if value == 1:
             raise ValueError("give 0 (off) or at least 2 quantiles (the smallest and the largest value)")
+        return value
+
+    @field_validator("quantile_lags")
+    @classmethod
+    def _distinct_lags(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"give each step lag once, got {value}")
         return value
 
     @field_validator("channels", "dilations")

@@ -17,10 +17,13 @@ Shapes (S = 112 filters; T = L // hop time steps, 256-511 with `parse.hop: auto`
                 fc1, fc2       -> logits (B, C); an ensemble of N such heads outputs the log of
                                their mean probability
                 quantile       (`train.quantiles`) Q quantiles of the standardised signal's steps
-                member         |x[t + 1] - x[t]| (log1p) and Q of its values, standardised, one linear
-                               layer -> logits (B, C): a logistic regression fitted by L-BFGS once the
-                               members are trained; the output is the log of (1 - w) x the heads'
-                               mean probability + w x its probability (w = `train.quantile_weight`)
+                member         |x[t + k] - x[t]| (log1p) at each lag k (`train.quantile_lags`) and Q
+                               of its values, standardised (F = Q (1 + lags) features), each also read
+                               through B soft thresholds at its training quantiles (`train.quantile_bins`:
+                               F B sigmoids, standardised), one linear layer -> logits (B, C): a logistic
+                               regression fitted by L-BFGS once the members are trained; the output is
+                               the log of (1 - w) x the heads' mean probability + w x its probability
+                               (w = `train.quantile_weight`)
     head "2d"   conv1..conv4   2-D over (S, T), each conv3x3 + BatchNorm + ReLU + 2x2 max-pool
                                (conv1 with `stem: strided`: a stride-2 conv3x3 instead)
                                -> (B, c4, S/16, T/16) -> mean over time -> (B, c4 * S/16)
@@ -264,12 +267,21 @@ class ModelArgs:
     # its probabilities with the members' mean at `quantile_weight`. 0: off (checkpoints written before).
     quantiles: int = 0
     quantile_weight: float = 0.0
+    # The quantile member's step lags (each k: the quantiles of |x[t + k] - x[t]|, k capped at L - 1) and
+    # soft thresholds per feature (0: the features alone). Checkpoints written before: lag 1, none.
+    quantile_lags: tuple[int, ...] = (1,)
+    quantile_bins: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dilations", as_branches(self.dilations))
+        object.__setattr__(self, "quantile_lags", tuple(int(k) for k in self.quantile_lags))
         if self.quantiles and not (self.quantiles >= 2 and 0 < self.quantile_weight < 1 and self.signal_length >= 2):
             raise CwtopsError(f"the quantile member needs at least 2 quantiles, a weight between 0 and 1 and signals of "
                               f"2+ samples, got {self.quantiles}, {self.quantile_weight} and {self.signal_length}")
+        if self.quantiles and (not self.quantile_lags or min(self.quantile_lags) < 1 or self.quantile_bins < 0
+                               or len(set(self.quantile_lags)) != len(self.quantile_lags)):
+            raise CwtopsError(f"the quantile member needs distinct step lags of 1 or more and 0 or more bins, got "
+                              f"lags {list(self.quantile_lags)} and {self.quantile_bins} bins")
         if self.head == "1d" and min(self.channels) < len(self.dilations):
             raise CwtopsError(f"each of conv1..conv4 splits its channels {self.channels} between "
                               f"{len(self.dilations)} branches of dilations: widen train.channels or use fewer branches")
@@ -277,6 +289,11 @@ class ModelArgs:
     @property
     def input_channels(self) -> int:
         return self.n_filters + int(self.raw_channel)
+
+    @property
+    def quantile_features(self) -> int:
+        """The quantile member's inputs: Q step quantiles per lag and Q value quantiles (0 when off)."""
+        return self.quantiles * (len(self.quantile_lags) + 1) if self.quantiles else 0
 
 
 def _conv_block(in_channels: int, out_channels: int, strided: bool = False) -> nn.Sequential:
@@ -376,41 +393,72 @@ def _quantiles(values: torch.Tensor, count: int) -> torch.Tensor:
     return ordered.index_select(-1, index)
 
 
-def signal_quantiles(standardised: torch.Tensor, count: int) -> torch.Tensor:
-    """(B, 1, L) -> (B, 2 count): log1p of `count` quantiles of the standardised signal's absolute
-    sample-to-sample steps |x[t + 1] - x[t]|, then `count` quantiles of its values: the distributions
-    of its steps and levels, which no zero-mean filter's magnitude describes."""
-    steps = (standardised[..., 1:] - standardised[..., :-1]).abs().flatten(1)
-    return torch.cat([torch.log1p(_quantiles(steps, count)), _quantiles(standardised.flatten(1), count)], dim=1)
+def signal_quantiles(standardised: torch.Tensor, count: int, lags: tuple[int, ...] = (1,)) -> torch.Tensor:
+    """(B, 1, L) -> (B, count (1 + len(lags))): log1p of `count` quantiles of the standardised signal's
+    absolute steps |x[t + k] - x[t]| at the first lag, then `count` quantiles of its values, then the
+    steps' at each further lag (k capped at L - 1): the distributions of its steps at a few scales and
+    of its levels, which no zero-mean filter's magnitude describes."""
+    length = standardised.shape[-1]
+
+    def steps(lag: int) -> torch.Tensor:
+        lag = min(lag, length - 1)
+        return torch.log1p(_quantiles((standardised[..., lag:] - standardised[..., :-lag]).abs().flatten(1), count))
+
+    return torch.cat([steps(lags[0]), _quantiles(standardised.flatten(1), count), *(steps(k) for k in lags[1:])], dim=1)
 
 
 # The quantile member is a logistic regression fitted as scikit-learn's LogisticRegression fits one (its
 # default C = 1): the mean cross-entropy over the n training signals plus ||W||^2 / (2 C n), minimised by
-# L-BFGS on the standardised quantiles. Fitted by the optimiser of the members instead (AdamW, a one-cycle
+# L-BFGS on the standardised inputs. Fitted by the optimiser of the members instead (AdamW, a one-cycle
 # schedule of a few thousand steps at lr 1e-3), its weights stayed far from that optimum (BENCHMARKS.md).
 QUANTILE_C = 1.0
+# Soft thresholds (`train.quantile_bins`): sigmoid((z - t) / BIN_WIDTH) for each standardised feature z
+# and each threshold t, the thresholds at evenly spaced quantiles of z over the training split. A linear
+# layer over them fits a step-like function of each feature, as a decision tree's splits do, where the
+# features alone give it one slope each; smooth, so ONNX Runtime and PyTorch agree to rounding.
+BIN_WIDTH = 0.25
 
 
 class QuantileMember(nn.Module):
-    """BatchNorm + linear over the signal's step and value quantiles -> logits: a linear classifier of
-    the signal's distributions, fitted once by `fit` after the convolutional members are trained."""
+    """BatchNorm + (soft thresholds) + linear over the signal's step and value quantiles -> logits: a
+    classifier of the signal's distributions, fitted once by `fit` after the convolutional members are
+    trained. `features`: its inputs' count; `bins`: soft thresholds per input (0: none)."""
 
-    def __init__(self, count: int, n_classes: int) -> None:
+    def __init__(self, features: int, n_classes: int, bins: int = 0) -> None:
         super().__init__()
-        self.norm = nn.BatchNorm1d(2 * count)  # its statistics are the training split's, set by `fit`
-        self.fc = nn.Linear(2 * count, n_classes)
+        self.bins = bins
+        self.norm = nn.BatchNorm1d(features)  # its statistics are the training split's, set by `fit`
+        width = features
+        if bins:
+            self.register_buffer("thresholds", torch.zeros(features, bins))
+            self.bin_norm = nn.BatchNorm1d(features * bins)
+            width += features * bins
+        self.fc = nn.Linear(width, n_classes)
         self.requires_grad_(False)  # no optimizer step touches it: `fit` writes its weights
 
+    def _thresholded(self, z: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid((z.unsqueeze(-1) - thresholds) / BIN_WIDTH).flatten(1)
+
     def forward(self, quantiles: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.norm(quantiles))
+        z = self.norm(quantiles)
+        if self.bins:
+            z = torch.cat([z, self.bin_norm(self._thresholded(z, self.thresholds))], dim=1)
+        return self.fc(z)
 
     def fit(self, quantiles: torch.Tensor, labels: torch.Tensor, max_iter: int = 1000) -> dict:
-        """Standardise by the training split's statistics, then minimise the penalised cross-entropy by
-        L-BFGS in float64 on the CPU (deterministic): (N, 2Q) features, (N,) class indices."""
+        """Standardise by the training split's statistics (thresholds at its quantiles, their outputs
+        standardised too), then minimise the penalised cross-entropy by L-BFGS in float64 on the CPU
+        (deterministic): (N, F) features, (N,) class indices."""
         x = quantiles.detach().double().cpu()
         y = labels.detach().long().cpu()
         mean, var = x.mean(0), x.var(0, unbiased=False)
         z = (x - mean) / torch.sqrt(var + self.norm.eps)
+        if self.bins:
+            levels = torch.linspace(0, 1, self.bins + 2, dtype=torch.float64)[1:-1]
+            thresholds = torch.quantile(z, levels, dim=0).T.contiguous()  # (F, bins)
+            soft = self._thresholded(z, thresholds)
+            soft_mean, soft_var = soft.mean(0), soft.var(0, unbiased=False)
+            z = torch.cat([z, (soft - soft_mean) / torch.sqrt(soft_var + self.bin_norm.eps)], dim=1)
         weight = torch.zeros(self.fc.out_features, z.shape[1], dtype=torch.float64, requires_grad=True)
         bias = torch.zeros(self.fc.out_features, dtype=torch.float64, requires_grad=True)
         optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, tolerance_grad=1e-9,
@@ -435,10 +483,24 @@ class QuantileMember(nn.Module):
             self.norm.running_var.copy_(var.float().to(device))
             self.norm.weight.fill_(1.0)
             self.norm.bias.zero_()
+            if self.bins:
+                self.thresholds.copy_(thresholds.float().to(device))
+                self.bin_norm.running_mean.copy_(soft_mean.float().to(device))
+                self.bin_norm.running_var.copy_(soft_var.float().to(device))
+                self.bin_norm.weight.fill_(1.0)
+                self.bin_norm.bias.zero_()
             self.fc.weight.copy_(weight.float().to(device))
             self.fc.bias.copy_(bias.float().to(device))
         return {"signals": len(y), "iterations": int(optimizer.state[weight]["n_iter"]),
                 "objective": loss, "train_accuracy": accuracy}
+
+
+def with_member_inputs(features: torch.Tensor, quantiles: torch.Tensor | None) -> torch.Tensor:
+    """The heads' input (B, S, T) with the quantile member's (B, F) appended as F channels constant in
+    time (B, S + F, T); training's augmentations and the heads leave those channels out."""
+    if quantiles is None:
+        return features
+    return torch.cat([features, quantiles.unsqueeze(-1).expand(-1, -1, features.shape[-1]).to(features.dtype)], dim=1)
 
 
 def average_probabilities(logits: list[torch.Tensor]) -> torch.Tensor:
@@ -463,7 +525,7 @@ class HybridCWTNet(nn.Module):
                 raise CwtopsError(f"an ensemble needs at least one member, got members={args.members}")
             self.members = nn.ModuleList([TimeHead(args) for _ in range(args.members)])
             if args.quantiles:  # built after the members: their initial weights are those without it
-                self.quantile_member = QuantileMember(args.quantiles, args.n_classes)
+                self.quantile_member = QuantileMember(args.quantile_features, args.n_classes, args.quantile_bins)
             return
         if args.members != 1 or args.raw_channel or args.quantiles:
             raise CwtopsError("ensembles, the raw channel and the quantile member are built from the 1-D head: set "
@@ -486,7 +548,14 @@ class HybridCWTNet(nn.Module):
         self.fc2 = nn.Linear(args.hidden, args.n_classes)
 
     def scalogram(self, signal: torch.Tensor) -> torch.Tensor:
-        """(B, 1, L) -> (B, S, T): standardised signal through the frozen filter bank."""
+        """(B, 1, L) -> (B, S, T): standardised signal through the frozen filter bank (the quantile
+        member's inputs, constant in time, ride after the heads' channels: `with_member_inputs`)."""
+        features, quantiles = self.scalogram_parts(signal)
+        return with_member_inputs(features, quantiles)
+
+    def scalogram_parts(self, signal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, 1, L) -> the heads' input (B, S, T) and the quantile member's (B, F), None when off:
+        what a cache holds (the member's inputs once per signal, not once per time step)."""
         centred = signal - signal.mean(dim=-1, keepdim=True)
         scale = centred.square().mean(dim=-1, keepdim=True).add(1e-8).sqrt()
         standardised = centred / scale
@@ -495,10 +564,9 @@ class HybridCWTNet(nn.Module):
             # the same T = ceil(L / hop) steps as the front-end's strided output
             raw = F.avg_pool1d(standardised, self.args.hop, self.args.hop, ceil_mode=True) if self.args.hop > 1 else standardised
             features = torch.cat([features, raw], dim=1)  # (B, S + 1, T)
-        if self.args.quantiles:  # constant in time: the cache carries them (training's augmentations leave them out)
-            quantiles = signal_quantiles(standardised, self.args.quantiles)
-            features = torch.cat([features, quantiles.unsqueeze(-1).expand(-1, -1, features.shape[-1])], dim=1)
-        return features
+        if not self.args.quantiles:
+            return features, None
+        return features, signal_quantiles(standardised, self.args.quantiles, self.args.quantile_lags)
 
     def head(self, scalogram: torch.Tensor) -> torch.Tensor:
         """(B, S, T) -> logits (B, C); an ensemble's are the log of its mean probabilities."""
@@ -551,7 +619,7 @@ def head_flops(args: ModelArgs) -> dict[str, int]:
         flops["fc1"] = args.members * 2 * 2 * args.channels[-1] * args.hidden
         flops["fc2"] = args.members * 2 * args.hidden * args.n_classes
         if args.quantiles:  # the sorts are n log n comparisons, not multiply-adds: only the linear layer counted
-            flops["quantile_member"] = 2 * 2 * args.quantiles * args.n_classes
+            flops["quantile_member"] = 2 * args.quantile_features * (1 + args.quantile_bins) * args.n_classes
         return flops
     in_channels = 1
     for index, out_channels in enumerate(args.channels, start=1):
@@ -582,6 +650,7 @@ def checkpoint_dict(
     args = asdict(model.args)
     args["channels"] = list(args["channels"])
     args["dilations"] = [list(branch) for branch in args["dilations"]]
+    args["quantile_lags"] = list(args["quantile_lags"])
     return {
         "format": CHECKPOINT_FORMAT,
         "model_args": args,
