@@ -52,3 +52,33 @@ def test_connection_failures_are_found_in_the_exception_chain_not_the_text() -> 
         assert is_connection_error(wrapped)
     assert not is_connection_error(MlflowException("RESOURCE_DOES_NOT_EXIST: Connection refused is only text here"))
     assert is_connection_error(requests.exceptions.RetryError("too many 503 error responses"))
+
+
+def test_stopping_a_server_kills_a_child_that_ignores_sigterm_and_outlives_it(tmp_path, monkeypatch) -> None:
+    # a server in its own session whose child ignores SIGTERM, as a Triton backend stub can: stopping the
+    # server must not leave the child running as an orphan
+    import os
+    import sys
+
+    from cwtops.services import processes
+
+    monkeypatch.setenv("CWTOPS_STATE_DIR", str(tmp_path))
+    child = tmp_path / "child.pid"
+    (tmp_path / "stub.py").write_text(
+        "import os, signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "open(sys.argv[1], 'w').write(str(os.getpid()))\n"
+        "time.sleep(600)\n")
+    (tmp_path / "server.py").write_text(
+        "import subprocess, sys, time\n"
+        "subprocess.Popen([sys.executable, sys.argv[1], sys.argv[2]])\n"
+        "time.sleep(600)\n")
+    script = [sys.executable, str(tmp_path / "server.py"), str(tmp_path / "stub.py"), str(child)]
+    service = processes.Service("toy")
+    pid = service.launch(script, dict(os.environ))
+    assert wait_until(lambda: child.exists() and child.read_text().strip(), timeout=30, interval=0.05)
+    stub = int(child.read_text())
+    assert os.getpgid(stub) == pid and sorted(processes.group_alive(pid)) == sorted([pid, stub])
+    assert service.stop(timeout=10)
+    assert not processes.process_alive(pid) and not processes.process_alive(stub)
+    assert processes.group_alive(pid) == [] and service.pid() is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -70,12 +71,7 @@ class Service:
         pid = self.pid()
         if pid is None:
             return False
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        if not wait_until(lambda: not process_alive(pid), timeout):
-            os.killpg(pid, signal.SIGKILL)
+        stop_group(pid, timeout)
         self.pid_file.unlink(missing_ok=True)
         return True
 
@@ -101,6 +97,40 @@ def process_alive(pid: int) -> bool:
         return False
     except psutil.AccessDenied:
         return True
+
+
+# How long the processes a server started (Triton's backend stubs) get to follow it out after SIGTERM
+GROUP_GRACE = 5.0
+
+
+def group_alive(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group `pgid`: a server launched in its own session
+    and whatever it started, which outlive it when they ignore SIGTERM (reparented to init)."""
+    import psutil
+
+    alive = []
+    for process in psutil.process_iter(["pid", "status"]):
+        try:
+            if process.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(process.info["pid"]) == pgid:
+                alive.append(process.info["pid"])
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return alive
+
+
+def stop_group(pid: int, timeout: float, grace: float = GROUP_GRACE) -> None:
+    """SIGTERM to the server's process group (its own session), SIGKILL to the group if the server
+    outlives `timeout`, and SIGKILL to any process of the group still alive `grace` seconds after it
+    exits: a child that ignores SIGTERM (a Triton backend stub) would otherwise run on as an orphan."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    if not wait_until(lambda: not process_alive(pid), timeout):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    if not wait_until(lambda: not group_alive(pid), grace):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        wait_until(lambda: not group_alive(pid), grace)
 
 
 def http_ok(url: str, timeout: float = 2.0) -> bool:

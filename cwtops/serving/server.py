@@ -17,20 +17,17 @@ answer only requests that carry the header `cwtops-api-key: <key>`. The key is
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cwtops.core.config import Params
 from cwtops.core.errors import CwtopsError
-from cwtops.core.waiting import wait_until
-from cwtops.services.processes import Service, http_ok, process_alive, state_dir
+from cwtops.services.processes import Service, http_ok, state_dir, stop_group
 from cwtops.serving.auth import API_KEY_ENV, API_KEY_HEADER, admin_headers, api_key, key_file  # noqa: F401 - re-exported
 
 TRITON = Service("triton")
@@ -243,12 +240,9 @@ def stop(params: Params, timeout: float = 30.0) -> bool:
     _record_file().unlink(missing_ok=True)
     if pid is None:
         return False
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGTERM)  # its own session: the backend stubs go too
+    # its own session: the backend stubs get the signal too, and any that outlives the server is killed;
     # Triton drains in-flight requests first (--exit-timeout-secs)
-    if not wait_until(lambda: not process_alive(pid), timeout):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
+    stop_group(pid, timeout)
     TRITON.pid_file.unlink(missing_ok=True)
     return True
 
