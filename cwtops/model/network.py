@@ -500,7 +500,7 @@ def with_member_inputs(features: torch.Tensor, quantiles: torch.Tensor | None) -
     time (B, S + F, T); training's augmentations and the heads leave those channels out."""
     if quantiles is None:
         return features
-    return torch.cat([features, quantiles.unsqueeze(-1).expand(-1, -1, features.shape[-1]).to(features.dtype)], dim=1)
+    return torch.cat([features, quantiles.unsqueeze(-1).expand(-1, -1, features.shape[-1])], dim=1)
 
 
 def average_probabilities(logits: list[torch.Tensor]) -> torch.Tensor:
