@@ -82,3 +82,41 @@ def test_stopping_a_server_kills_a_child_that_ignores_sigterm_and_outlives_it(tm
     assert service.stop(timeout=10)
     assert not processes.process_alive(pid) and not processes.process_alive(stub)
     assert processes.group_alive(pid) == [] and service.pid() is None
+
+
+def test_a_stale_pid_file_reaps_what_its_killed_server_left_running(tmp_path, monkeypatch) -> None:
+    # the server is killed (a crash, SIGKILL): its child lives on as an orphan in the server's process
+    # group; the next look at the PID file finds it stale, removes it and kills the leftover
+    import contextlib
+    import os
+    import signal
+    import sys
+
+    from cwtops.services import processes
+
+    monkeypatch.setenv("CWTOPS_STATE_DIR", str(tmp_path))
+    child = tmp_path / "child.pid"
+    (tmp_path / "stub.py").write_text(
+        "import os, signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "open(sys.argv[1], 'w').write(str(os.getpid()))\n"
+        "time.sleep(600)\n")
+    (tmp_path / "server.py").write_text(
+        "import subprocess, sys, time\n"
+        "subprocess.Popen([sys.executable, sys.argv[1], sys.argv[2]])\n"
+        "time.sleep(600)\n")
+    service = processes.Service("toy")
+    pid = service.launch([sys.executable, str(tmp_path / "server.py"), str(tmp_path / "stub.py"), str(child)],
+                         dict(os.environ))
+    try:
+        assert wait_until(lambda: child.exists() and child.read_text().strip(), timeout=30, interval=0.05)
+        stub = int(child.read_text())
+        os.kill(pid, signal.SIGKILL)
+        assert wait_until(lambda: not processes.process_alive(pid), timeout=10, interval=0.05)
+        assert processes.process_alive(stub) and processes.group_alive(pid) == [stub]  # the orphan runs on
+        assert service.pid() is None
+        assert not service.pid_file.exists()
+        assert not processes.process_alive(stub) and processes.group_alive(pid) == []
+    finally:  # a failed assertion leaves no orphan behind
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)

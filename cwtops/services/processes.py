@@ -38,12 +38,14 @@ class Service:
         return self.folder / "server.log"
 
     def pid(self) -> int | None:
-        """The running server's PID, or None (a stale PID file is removed)."""
+        """The running server's PID, or None. A stale PID file (the server died without `stop`: killed,
+        crashed) is removed, and whatever the server left running in its process group is killed."""
         try:
             pid = int(self.pid_file.read_text().strip())
         except (OSError, ValueError):
             return None
         if not process_alive(pid):
+            reap_group(pid)
             self.pid_file.unlink(missing_ok=True)
             return None
         return pid
@@ -131,6 +133,19 @@ def stop_group(pid: int, timeout: float, grace: float = GROUP_GRACE) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
         wait_until(lambda: not group_alive(pid), grace)
+
+
+def reap_group(pgid: int, grace: float = GROUP_GRACE) -> list[int]:
+    """SIGKILL what is left of the process group of a server that died (`pgid`, its PID: it was
+    launched in its own session), such as Triton backend stubs that outlived a killed server;
+    the PIDs killed. Only leftovers can match: the kernel does not hand out a PID again while a
+    process group of that number has members."""
+    left = group_alive(pgid)
+    if left:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+        wait_until(lambda: not group_alive(pgid), grace)
+    return left
 
 
 def http_ok(url: str, timeout: float = 2.0) -> bool:
