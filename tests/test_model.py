@@ -529,3 +529,25 @@ def test_time_augmentation_shifts_stretches_and_is_seeded() -> None:
     assert warped.min() >= 0 and warped.max() <= 63  # interpolated inside the signal, edges repeated
     again = augment_in_time(ramp, 0.0, torch.Generator().manual_seed(1), max_warp=0.2)
     assert torch.equal(warped, again)
+
+
+def test_a_dynamic_length_graph_reads_the_quantile_members_ranks_at_every_length() -> None:
+    # `export.dynamic_length: true`: the ranks the quantiles are read at follow the served signal's
+    # length (a Shape in the graph), not the length the graph was traced at
+    _, matrix = random_bank(seed=21, n_filters=16)
+    args = ModelArgs(n_filters=16, kernel_size=matrix.shape[1], n_classes=3, signal_length=64, hop=1, head="1d",
+                     members=2, channels=(4, 4, 8, 8), hidden=8, decimate="mean", quantiles=5, quantile_weight=0.3,
+                     quantile_lags=(1, 2, 4), quantile_bins=3)
+    torch.manual_seed(5)
+    model = _trained_like(HybridCWTNet(args, matrix), seed=6)
+    model.quantile_member.fit(torch.randn(40, args.quantile_features), torch.randint(0, 3, (40,)))
+    model.eval()
+    session = ort.InferenceSession(onnx_bytes(model, 64, 18, dynamic_length=True))
+    for length in (64, 101, 40):
+        signal = torch.randn(3, 1, length, generator=torch.Generator().manual_seed(length))
+        with torch.no_grad():
+            expected = model(signal).numpy()
+            member = model.scalogram(signal)[:, 16:, 0]
+        assert member.shape == (3, 20)
+        got = session.run([OUTPUT_NAME], {INPUT_NAME: signal.numpy()})[0]
+        assert np.allclose(got, expected, atol=1e-4, rtol=1e-3), (length, np.abs(got - expected).max())

@@ -388,9 +388,14 @@ def _quantiles(values: torch.Tensor, count: int) -> torch.Tensor:
     """(B, n) -> (B, count): `count` quantiles of each row, smallest to largest (the sorted row read at
     `count` evenly spaced ranks, both ends included; a TopK and a Gather in ONNX)."""
     ordered = torch.sort(values, dim=-1).values
-    n = int(ordered.shape[-1])
-    index = torch.tensor([round(k * (n - 1) / (count - 1)) for k in range(count)], device=ordered.device)
-    return ordered.index_select(-1, index)
+    # rank k (n - 1) / (count - 1) rounded half to even, in integer tensor arithmetic on the traced length
+    # (a Shape in ONNX), so a graph exported with `export.dynamic_length` reads the right ranks at any length
+    n = torch._shape_as_tensor(ordered)[-1].to(ordered.device)
+    scaled = torch.arange(count, device=ordered.device) * (n - 1)
+    whole = torch.div(scaled, count - 1, rounding_mode="floor")
+    twice_rest = 2 * (scaled - whole * (count - 1))
+    up = (twice_rest > count - 1) | ((twice_rest == count - 1) & (whole % 2 == 1))
+    return ordered.index_select(-1, whole + up.long())
 
 
 def signal_quantiles(standardised: torch.Tensor, count: int, lags: tuple[int, ...] = (1,)) -> torch.Tensor:
