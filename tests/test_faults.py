@@ -37,7 +37,9 @@ def test_triton_killed_during_rollout_under_load_then_restarted_converges(in_pro
 
     reference = np.load(in_project / "artifacts/parity/reference.npz")
     signals, expected = reference["inputs"][:4], reference["outputs"][:4]  # every version here is this export
-    reconcile(params)  # converged start
+    if reconcile(params).served is None:  # converged start; run on its own, nothing is promoted yet: serve a first version
+        promote(params, new_version(params))
+        assert reconcile(params).action == "rolled_out"
     newer = new_version(params)
     promote(params, newer)
     answered: list[float] = []
