@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import sys
 import time
 
 import pytest
@@ -54,44 +58,10 @@ def test_connection_failures_are_found_in_the_exception_chain_not_the_text() -> 
     assert is_connection_error(requests.exceptions.RetryError("too many 503 error responses"))
 
 
-def test_stopping_a_server_kills_a_child_that_ignores_sigterm_and_outlives_it(tmp_path, monkeypatch) -> None:
-    # a server in its own session whose child ignores SIGTERM, as a Triton backend stub can: stopping the
-    # server must not leave the child running as an orphan
-    import os
-    import sys
-
-    from cwtops.services import processes
-
-    monkeypatch.setenv("CWTOPS_STATE_DIR", str(tmp_path))
-    child = tmp_path / "child.pid"
-    (tmp_path / "stub.py").write_text(
-        "import os, signal, sys, time\n"
-        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-        "open(sys.argv[1], 'w').write(str(os.getpid()))\n"
-        "time.sleep(600)\n")
-    (tmp_path / "server.py").write_text(
-        "import subprocess, sys, time\n"
-        "subprocess.Popen([sys.executable, sys.argv[1], sys.argv[2]])\n"
-        "time.sleep(600)\n")
-    script = [sys.executable, str(tmp_path / "server.py"), str(tmp_path / "stub.py"), str(child)]
-    service = processes.Service("toy")
-    pid = service.launch(script, dict(os.environ))
-    assert wait_until(lambda: child.exists() and child.read_text().strip(), timeout=30, interval=0.05)
-    stub = int(child.read_text())
-    assert os.getpgid(stub) == pid and sorted(processes.group_alive(pid)) == sorted([pid, stub])
-    assert service.stop(timeout=10)
-    assert not processes.process_alive(pid) and not processes.process_alive(stub)
-    assert processes.group_alive(pid) == [] and service.pid() is None
-
-
-def test_a_stale_pid_file_reaps_what_its_killed_server_left_running(tmp_path, monkeypatch) -> None:
-    # the server is killed (a crash, SIGKILL): its child lives on as an orphan in the server's process
-    # group; the next look at the PID file finds it stale, removes it and kills the leftover
-    import contextlib
-    import os
-    import signal
-    import sys
-
+@contextlib.contextmanager
+def _server_with_a_stubborn_child(tmp_path, monkeypatch):  # noqa: ANN202 - a context manager
+    """A toy server launched as a Service (its own session) whose child ignores SIGTERM, as a Triton
+    backend stub can: (service, server PID, child PID). Whatever is left of the group is killed after."""
     from cwtops.services import processes
 
     monkeypatch.setenv("CWTOPS_STATE_DIR", str(tmp_path))
@@ -110,13 +80,32 @@ def test_a_stale_pid_file_reaps_what_its_killed_server_left_running(tmp_path, mo
                          dict(os.environ))
     try:
         assert wait_until(lambda: child.exists() and child.read_text().strip(), timeout=30, interval=0.05)
-        stub = int(child.read_text())
+        yield service, pid, int(child.read_text())
+    finally:  # a failed assertion leaves no orphan behind
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def test_stopping_a_server_kills_a_child_that_ignores_sigterm_and_outlives_it(tmp_path, monkeypatch) -> None:
+    # stopping the server must not leave the child running as an orphan
+    from cwtops.services import processes
+
+    with _server_with_a_stubborn_child(tmp_path, monkeypatch) as (service, pid, stub):
+        assert os.getpgid(stub) == pid and sorted(processes.group_alive(pid)) == sorted([pid, stub])
+        assert service.stop(timeout=10)
+        assert not processes.process_alive(pid) and not processes.process_alive(stub)
+        assert processes.group_alive(pid) == [] and service.pid() is None
+
+
+def test_a_stale_pid_file_reaps_what_its_killed_server_left_running(tmp_path, monkeypatch) -> None:
+    # the server is killed (a crash, SIGKILL): its child lives on as an orphan in the server's process
+    # group; the next look at the PID file finds it stale, removes it and kills the leftover
+    from cwtops.services import processes
+
+    with _server_with_a_stubborn_child(tmp_path, monkeypatch) as (service, pid, stub):
         os.kill(pid, signal.SIGKILL)
         assert wait_until(lambda: not processes.process_alive(pid), timeout=10, interval=0.05)
         assert processes.process_alive(stub) and processes.group_alive(pid) == [stub]  # the orphan runs on
         assert service.pid() is None
         assert not service.pid_file.exists()
         assert not processes.process_alive(stub) and processes.group_alive(pid) == []
-    finally:  # a failed assertion leaves no orphan behind
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
